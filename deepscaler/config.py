@@ -98,6 +98,8 @@ class OrchestratorConfig:
     # Steps that sampling may run ahead of the newest weights (0: on-policy).
     async_level: int = 0
     request_timeout_s: float = 3600.0
+    # How long to wait for the trainer's weights/step_N (and for servers to come up).
+    weights_timeout_s: float = 7200.0
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
@@ -138,6 +140,8 @@ class TrainerConfig:
     micro_batch_tokens: int = 32768
     # auto: bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # How long to wait for the orchestrator's next rollouts/step_N before failing.
+    rollout_timeout_s: float = 7200.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -596,6 +600,14 @@ def time_minutes(text: str) -> int:
         h, m, s = parts
     total_s = ((int(days) * 24 + h) * 60 + m) * 60 + s
     return -(-total_s // 60)
+
+
+def server_names(cfg: Config) -> list[str]:
+    """The inference servers of a stage: one per ``inference.tensor_parallel`` GPUs of the
+    inference component, at least one (the CPU presets have no GPUs)."""
+    inf = cfg.slurm.inference
+    count = max(1, inf.nodes * inf.gpus_per_node // cfg.inference.tensor_parallel)
+    return [f"server{i}" for i in range(count)]
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

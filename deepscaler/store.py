@@ -618,27 +618,43 @@ class RunStore:
         deleted: list[int] = []
         leased: list[int] = []
         for step in doomed:
-            path = self.step_path(kind, step)
-            if self.fresh_leases(kind, step, lease_ttl_s):
-                leased.append(step)
-                continue
-            marker = path / STABLE
-            try:
-                manifest_bytes = marker.read_bytes()
-                marker.unlink()
-            except FileNotFoundError:
-                continue
-            _fsync_dir(path)
-            if self.fresh_leases(kind, step, lease_ttl_s):
-                atomic_write_bytes(marker, manifest_bytes)
-                leased.append(step)
-                continue
-            trash = path.with_name(f"{path.name}.tmp-del-{uuid.uuid4().hex[:12]}")
-            os.rename(path, trash)
-            _fsync_dir(path.parent)
-            shutil.rmtree(trash, ignore_errors=True)  # leftovers are removed by clean_partial
-            deleted.append(step)
+            (deleted if self._delete_step(kind, step, lease_ttl_s) else leased).append(step)
         return RetentionResult(deleted, leased)
+
+    def _delete_step(self, kind: str, step: int, lease_ttl_s: float | None) -> bool:
+        """Delete one stable step; False if a fresh lease protects it (``lease_ttl_s=None``:
+        leases are ignored). The marker goes first, so readers stop trusting the step before
+        any file of it disappears; a lease that appears meanwhile restores the marker."""
+        path = self.step_path(kind, step)
+        if lease_ttl_s is not None and self.fresh_leases(kind, step, lease_ttl_s):
+            return False
+        marker = path / STABLE
+        try:
+            manifest_bytes = marker.read_bytes()
+            marker.unlink()
+        except FileNotFoundError:
+            return True
+        _fsync_dir(path)
+        if lease_ttl_s is not None and self.fresh_leases(kind, step, lease_ttl_s):
+            atomic_write_bytes(marker, manifest_bytes)
+            return False
+        trash = path.with_name(f"{path.name}.tmp-del-{uuid.uuid4().hex[:12]}")
+        os.rename(path, trash)
+        _fsync_dir(path.parent)
+        shutil.rmtree(trash, ignore_errors=True)  # leftovers are removed by clean_partial
+        return True
+
+    def delete_steps(self, kind: str, steps: Iterable[int]) -> list[int]:
+        """Delete these stable steps (the kind's single writer only), returning those deleted.
+
+        For a writer that resumes from an earlier step (what it published after that is about
+        to be recomputed) or drops consumed steps. Leases are ignored: a reader still loading
+        such a step fails loudly, never half-way.
+        """
+        doomed = sorted(set(steps) & set(self.stable_steps(kind)))
+        for s in doomed:
+            self._delete_step(kind, s, lease_ttl_s=None)
+        return doomed
 
     # ---------------------------------------------------------------- evals
 

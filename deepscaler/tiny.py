@@ -1,4 +1,4 @@
-"""The tiny preset: a locally built tokenizer (and, later, model) with the real model's shape of I/O.
+"""The tiny preset: a locally built tokenizer and model with the real model's shape of I/O.
 
 Why: tests and the CPU preset must exercise the same code paths as DeepSeek-R1-Distill-Qwen-1.5B
 (chat template, ``<think>``/``</think>``, ``\\boxed{}``, eos/pad) without downloading 3.5 GB.
@@ -7,12 +7,17 @@ pre-tokenizer of Qwen2, because transformers 5 reloads a ``qwen2`` model folder'
 as ``Qwen2Tokenizer`` and swaps in Qwen2's own pre-tokenizer (see ENVIRONMENT.md): training
 with that exact pipeline makes a reload tokenize identically.
 
-Model part: to come (``build_model``); it will share ``save_tokenizer``'s folder layout.
+The model is a small ``Qwen2ForCausalLM`` (untied embeddings, like the real one) saved as a
+Hugging Face folder with the tokenizer, so every consumer loads it exactly like a real model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -137,3 +142,68 @@ def save_tokenizer(tok: PreTrainedTokenizerFast, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(directory))
     return directory
+
+
+def build_model(shape, seed: int = 0):
+    """A randomly initialised Qwen2 of ``shape`` (a ``TinyModelConfig``), seeded, float32."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        intermediate_size=shape.intermediate_size,
+        vocab_size=shape.vocab_size,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=SPECIAL_TOKENS.index(BOS),
+        eos_token_id=SPECIAL_TOKENS.index(EOS),
+        pad_token_id=SPECIAL_TOKENS.index(EOS),
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config).float()
+
+
+def _save_model(model, directory: Path) -> None:
+    """Write the HF folder files directly. Why not ``save_pretrained``: transformers 5 writes
+    nothing but the weights on a torch.distributed rank other than 0, so a trainer rank
+    building the model would publish a folder with no config.json."""
+    from safetensors.torch import save_file
+
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = "float32"
+    model.config.save_pretrained(str(directory))
+    model.generation_config.save_pretrained(str(directory))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def ensure_tiny_model(cache_dir: str | Path, shape, seed: int = 0) -> Path:
+    """The tiny model + tokenizer as an HF folder under ``cache_dir``, built once.
+
+    The folder name hashes the shape and seed, so a changed preset never reuses a stale
+    model. It is built in a temporary sibling and renamed, so concurrent callers (several
+    ranks or servers starting together) never see half a folder.
+    """
+    from dataclasses import asdict
+
+    key = hashlib.sha256(json.dumps({"shape": asdict(shape), "seed": seed}, sort_keys=True).encode()).hexdigest()
+    final = Path(cache_dir) / f"tiny-{key[:12]}"
+    if (final / "config.json").is_file():
+        return final
+    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tokenizer = build_tokenizer(vocab_size=shape.vocab_size)
+        save_tokenizer(tokenizer, tmp)
+        _save_model(build_model(shape, seed), tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process won the race: theirs is as good as ours
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+pytest_plugins = ["tests.slurm_cluster"]
+
 # What a tiny model folder holds next to its tokenizer: transformers 5 then reloads the
 # tokenizer as Qwen2Tokenizer (the ENVIRONMENT.md pitfall), as the real pipeline will.
 QWEN2_CONFIG = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}

@@ -90,6 +90,17 @@ def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return -(torch.exp(logp) * logp).sum(dim=-1)
 
 
+def token_log_probs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Both of the above from one log_softmax: the trainer needs both per token, and the
+    ``[T, V]`` softmax is the memory-bound part of the step (V = 151936)."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    logp = torch.log_softmax(x, dim=-1)
+    chosen = logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return chosen, -(torch.exp(logp) * logp).sum(dim=-1)
+
+
 def _bool_mask(mask: Tensor, like: Tensor) -> Tensor:
     m = mask if mask.dtype == torch.bool else mask != 0
     return m.expand_as(like) if m.shape != like.shape else m

@@ -17,6 +17,7 @@ from deepscaler.trainer.loss import (
     ppo_clip_loss,
     token_entropy,
     token_log_probs,
+    token_log_probs_and_entropy,
 )
 
 LN = math.log
@@ -114,6 +115,20 @@ def test_entropy_hand_computed_and_stable() -> None:
     x = logits.clone().requires_grad_(True)
     token_entropy(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_fused_log_probs_and_entropy_match_the_separate_functions() -> None:
+    # p = [1/4, 3/4] at temperature 1: log p(token 1) = ln 3/4, H = ln 4 - (3/4) ln 3 (as above);
+    # at temperature 0.5 the logits double: p = [1/10, 9/10].
+    logits = torch.tensor([[0.0, LN(3)], [0.0, LN(3)]])
+    tokens = torch.tensor([1, 0])
+    lp, h = token_log_probs_and_entropy(logits, tokens)
+    close(lp, [LN(0.75), LN(0.25)])
+    close(h, [LN(4) - 0.75 * LN(3)] * 2)
+    lp, h = token_log_probs_and_entropy(logits, tokens, temperature=0.5)
+    close(lp, [LN(0.9), LN(0.1)])
+    close(h, token_entropy(logits, temperature=0.5))
+    close(lp, token_log_probs(logits, tokens, temperature=0.5))
 
 
 # --------------------------------------------------------------------------- PPO clip

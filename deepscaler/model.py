@@ -1,0 +1,42 @@
+"""Where the policy comes from: a Hugging Face id, a local folder, or the tiny preset.
+
+Every process (trainer, inference server, eval) resolves ``model.name`` through here, so
+they all load the same weights and tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from deepscaler.config import Config
+
+DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def model_source(cfg: Config) -> str:
+    """A path or Hub id that ``from_pretrained`` (and vLLM) can load for ``cfg.model``."""
+    if cfg.model.name == "tiny":
+        from deepscaler.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(cache_dir(cfg), cfg.model.tiny, seed=cfg.run.seed))
+    return cfg.model.name
+
+
+def cache_dir(cfg: Config) -> Path:
+    """Downloads and built models live on the shared filesystem, beside the runs."""
+    return Path(cfg.data.cache_dir or os.path.join(cfg.run.output_dir, "cache"))
+
+
+def load_tokenizer(source: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, revision=revision)
+
+
+def load_causal_lm(source: str, dtype: str, revision: str | None = None):
+    """The model in ``dtype`` on CPU; the caller moves it (DeepSpeed does for the trainer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=getattr(torch, DTYPES[dtype]))

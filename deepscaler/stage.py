@@ -1,0 +1,70 @@
+"""Where a stage starts: its first step, the checkpoint a restart resumes from, and the
+data progress saved with it.
+
+Why one module: the trainer and the orchestrator are separate processes (on separate nodes
+under Slurm) that must agree on these answers without talking to each other. Both derive
+them from the same files, with the same rules, here.
+"""
+
+from __future__ import annotations
+
+from deepscaler.config import Config, ConfigError
+from deepscaler.store import RunStore, StoreError, read_json
+
+TRAINER_STATE = "trainer_state.json"  # written into checkpoints/step_N by trainer.checkpoint
+
+
+def resolve_resume(store: RunStore, resume: str | None) -> int | None:
+    """``--resume-step N|latest`` -> a stable checkpoint step, or None for a fresh start.
+
+    A fresh start over existing checkpoints is refused: rerunning a command by mistake must
+    not silently restart (and overwrite) a run that has progress.
+    """
+    steps = store.stable_steps("checkpoints")
+    if resume is None:
+        if steps:
+            raise ConfigError(f"{store.checkpoints_dir} already holds checkpoints (stable: "
+                              f"{', '.join(map(str, steps))}); pass --resume-step latest to continue, "
+                              f"or choose another run.name")
+        return None
+    if resume == "latest":
+        return steps[-1] if steps else None
+    try:
+        step = int(resume)
+    except ValueError:
+        raise ConfigError(f"--resume-step '{resume}': expected a step number or 'latest'") from None
+    if step not in steps:
+        have = ", ".join(map(str, steps)) or "none"
+        raise ConfigError(f"--resume-step {step}: no stable checkpoint {store.step_path('checkpoints', step)} "
+                          f"(stable: {have})")
+    return step
+
+
+def previous_stage_checkpoint(cfg: Config, store: RunStore) -> tuple[RunStore, int] | None:
+    """(store of stage K-1, its newest stable checkpoint step) when this stage starts from the
+    previous one (``checkpoint.init_from_stage``), else None. No copying by hand: stage K+1
+    reads stage K's directory of the same run."""
+    k = cfg.checkpoint.init_from_stage
+    if k is None:
+        return None
+    prev = store.for_stage(k)
+    step = prev.latest_stable("checkpoints")
+    if step is None:
+        raise StoreError(f"{prev.checkpoints_dir}: stage {k} has no stable checkpoint for stage "
+                         f"{cfg.run.stage} to start from (run stage {k} first, or unset checkpoint.init_from_stage)")
+    return prev, step
+
+
+def checkpoint_state(store: RunStore, step: int) -> dict:
+    """``trainer_state.json`` of a stable checkpoint: step, progress (stage_first_step, data)."""
+    return read_json(store.step_dir("checkpoints", step) / TRAINER_STATE)
+
+
+def first_step(cfg: Config, store: RunStore) -> int:
+    """The step number a fresh start of this stage begins at: 0, or the previous stage's last
+    step when steps continue across stages (``checkpoint.reset_step: false``, as the paper's
+    plots count 0-1040-1520-1750)."""
+    prev = previous_stage_checkpoint(cfg, store)
+    if prev is None or cfg.checkpoint.reset_step:
+        return 0
+    return prev[1]

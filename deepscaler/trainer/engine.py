@@ -1,0 +1,222 @@
+"""The DeepSpeed side of training: ranks, the engine, log-probs of packed rows, one update.
+
+Why these pieces live together: they are the only code that knows about devices, ZeRO and
+collectives. The loop in ``train.py`` calls them and stays readable; the loss in ``loss.py``
+stays pure.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch.utils.checkpoint import checkpoint
+
+from deepscaler.config import TrainerConfig
+from deepscaler.trainer.loss import grpo_loss, token_log_probs_and_entropy
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join the trainer's process group: torchrun's variables, else Slurm's, else a single rank.
+
+    gloo on CPU, nccl on GPU. The rendezvous address must already be in MASTER_ADDR and
+    MASTER_PORT for multi-rank runs (torchrun and the Slurm launcher set them).
+    """
+    import deepspeed
+
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env.get("SLURM_NTASKS", "1")
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    if env["WORLD_SIZE"] == "1":
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    # DeepSpeed otherwise compiles a shared-memory op with g++ on first use (27 s, CPU only).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist = Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank)
+    return dist
+
+
+def use_bf16(tc: TrainerConfig) -> bool:
+    """bf16 on GPU, fp32 on CPU (``precision: auto``)."""
+    if tc.precision == "auto":
+        return torch.cuda.is_available()
+    return tc.precision == "bf16"
+
+
+def deepspeed_config(tc: TrainerConfig) -> dict:
+    """The DeepSpeed JSON. Gradient accumulation is ours: the number of packed micro-batches
+    varies per step, so ``step()`` is the boundary (unmanaged accumulation)."""
+    zero: dict = {"stage": tc.deepspeed.zero_stage}
+    if tc.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": tc.optimizer.grad_clip,
+        "zero_optimization": zero,
+        # We pass torch's AdamW: DeepSpeed's own Adam would compile a CPU op (41 s) on CPU.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": use_bf16(tc)},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def lr_lambda(tc: TrainerConfig, total_steps: int):
+    """Multiplier of the base lr per optimizer update: warmup, then constant or cosine."""
+    import math
+
+    warmup, kind = tc.optimizer.warmup_steps, tc.optimizer.scheduler
+
+    def fn(update: int) -> float:
+        if warmup and update < warmup:
+            return (update + 1) / warmup
+        if kind == "cosine" and total_steps > warmup:
+            progress = min(1.0, (update - warmup) / (total_steps - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return fn
+
+
+def build_engine(model, tc: TrainerConfig, total_updates: int):
+    """Wrap ``model`` with DeepSpeed ZeRO, torch AdamW and the lr schedule."""
+    import deepspeed
+
+    if tc.deepspeed.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The policy's forward must run through ``engine(...)``: DeepSpeed's forward opens the
+    # ZeRO backward bookkeeping (ZeRO-3 otherwise overwrites, instead of accumulating, the
+    # gradients of every micro-batch but the last). So the engine's module computes what the
+    # loss needs, per-token log-probs of a packed row, instead of [T, V] logits.
+    model.forward = functools.partial(packed_log_probs, model)
+    opt = tc.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, total_updates))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc)
+    )
+    return engine
+
+
+def packed_log_probs(model, batch, temperature: float, *, entropy: bool, chunk_tokens: int = 4096):
+    """Per-token log-probs of ``batch.targets`` (and entropies) for one packed row.
+
+    The body runs on ``position_ids`` that restart per sequence, from which transformers
+    builds a block-diagonal causal mask, so sequences in a row never attend to each other.
+    That detection is skipped when a KV cache is in use, hence ``model_inputs()``'s
+    ``use_cache=False``: without it the whole row silently attends as one sequence.
+    The vocabulary projection runs in checkpointed chunks: a ``[T, V]`` float32 logits tensor
+    for T = 24576 and V = 151936 would take 15 GB.
+    """
+    hidden = model.model(**batch.model_inputs()).last_hidden_state
+    head = model.get_output_embeddings()
+
+    def chunk(h, targets):
+        return token_log_probs_and_entropy(head(h), targets, temperature)
+
+    logps, ents = [], []
+    for start in range(0, hidden.shape[1], chunk_tokens):
+        h = hidden[:, start : start + chunk_tokens]
+        t = batch.targets[:, start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(chunk, h, t, use_reentrant=False)
+        else:
+            lp, ent = chunk(h, t)
+        logps.append(lp)
+        ents.append(ent)
+    logp = torch.cat(logps, dim=1)
+    return logp, (torch.cat(ents, dim=1) if entropy else None)
+
+
+@dataclass
+class UpdateStats:
+    """Sums over one optimizer update, already divided by the mini-batch token count."""
+
+    pg_loss: float = 0.0
+    kl: float = 0.0
+    entropy: float = 0.0
+    clip_fraction: float = 0.0
+    tokens: int = 0
+
+
+def update(engine, ref_model, batches, total_loss_tokens: int, tc: TrainerConfig, temperature: float, world_size: int):
+    """One optimizer update over this rank's packed micro-batches of one mini-batch.
+
+    Every token of the mini-batch (all ranks) weighs 1 / ``total_loss_tokens``: the loss of a
+    micro-batch is its token sum divided by that, times the world size because DeepSpeed
+    averages gradients over ranks. So micro-batch and rank boundaries do not change the
+    gradient: it is the token-mean of the whole mini-batch, as in the recipe.
+    """
+    lc = tc.loss
+    need_ref = lc.kl_type != "none" and lc.kl_coef != 0.0
+    denominator = max(total_loss_tokens, 1) / world_size
+    stats = UpdateStats()
+    for batch in batches:
+        ref_logp = None
+        if need_ref:
+            with torch.no_grad():
+                ref_logp, _ = packed_log_probs(ref_model, batch, temperature, entropy=False)
+        logp, ent = engine(batch, temperature, entropy=True)
+        loss, m = grpo_loss(
+            logp,
+            batch.behaviour_logp,
+            batch.advantages,
+            batch.loss_mask,
+            ref_logp,
+            ent,
+            clip_low=lc.clip_ratio_low,
+            clip_high=lc.clip_ratio_high,
+            kl_coef=lc.kl_coef,
+            kl_type=lc.kl_type,
+            entropy_coef=lc.entropy_coef,
+            denominator=denominator,
+        )
+        engine.backward(loss, scale_wrt_gas=False)
+        stats.pg_loss += float(m["pg_loss"])
+        stats.kl += float(m["kl"])
+        stats.entropy += float(m["entropy"])
+        stats.clip_fraction += float(m["clip_fraction"]) * float(m["num_tokens"])
+        stats.tokens += int(batch.num_tokens)
+    engine.step()
+    return stats
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum floats over the trainer ranks (identity on one rank)."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    torch_dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,202 @@
+"""The trainer process: rollouts in, weights and checkpoints out.
+
+    python -m deepscaler.trainer --config RUN/stageK/run.yaml [--resume-step N|latest] [key=value ...]
+
+For every step N it waits for ``rollouts/step_N``, runs the recipe's mini-batch updates,
+publishes ``weights/step_{N+1}`` for the inference servers and, every
+``checkpoint.interval`` steps, ``checkpoints/step_{N+1}`` with everything needed to resume.
+Read it top to bottom; the pieces it calls are small and live beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from deepscaler.config import Config, ConfigError, load_config
+from deepscaler.faults import maybe_crash
+from deepscaler.model import load_causal_lm, load_tokenizer, model_source
+from deepscaler.rollouts import mini_batches, read_rollout
+from deepscaler.stage import first_step as stage_first_step
+from deepscaler.stage import previous_stage_checkpoint, resolve_resume
+from deepscaler.store import RunStore, StoreError
+from deepscaler.trainer.checkpoint import full_model_state, load_checkpoint, load_model_weights, save_checkpoint
+from deepscaler.trainer.engine import all_reduce_sum, build_engine, init_distributed, update, use_bf16
+from deepscaler.trainer.packing import oversized, pack, plan_step
+from deepscaler.trainer.weights import publish_weights
+
+log = logging.getLogger("deepscaler.trainer")
+
+# Checkpoints kept besides the newest: one spare, so a crash while writing never leaves none.
+KEEP_CHECKPOINTS = 2
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def train(cfg: Config, resume: str | None = None) -> int:
+    """Run this stage's steps; returns the last step whose weights were published."""
+    # ------------------------------------------------------------------ set-up
+    dist = init_distributed()
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
+    if dist.is_main:
+        store.ensure_dirs()
+        for path in store.clean_partial("checkpoints") + store.clean_partial("weights"):
+            log.warning("removed an unfinished step left by a crash: %s", path)
+    resume_step = resolve_resume(store, resume)
+    device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = "bfloat16" if use_bf16(cfg.trainer) else "float32"
+
+    source = model_source(cfg)
+    tokenizer = load_tokenizer(source, cfg.model.revision)
+    model = load_causal_lm(source, dtype, cfg.model.revision)
+    init_from = None
+    prev = previous_stage_checkpoint(cfg, store) if resume_step is None else None
+    if prev is not None:
+        # Stage K+1 starts from stage K's newest checkpoint: no copying by hand.
+        init_from = prev[0].step_dir("checkpoints", prev[1])
+        load_model_weights(init_from, model)
+        log.info("stage %d starts from %s", cfg.run.stage, init_from)
+    # The KL anchor is the policy this stage started from, as in verl (the base model in stage 1).
+    ref_model = _frozen_copy(model).to(device)
+
+    updates_per_step = cfg.trainer.mini_batches_per_step * cfg.trainer.ppo_epochs
+    total_steps = cfg.run.max_steps or 10**6
+    engine = build_engine(model, cfg.trainer, total_steps * updates_per_step)
+
+    # ------------------------------------------------------------------ where to start
+    if resume_step is not None:
+        state = load_checkpoint(store.step_dir("checkpoints", resume_step), engine, scheduler=engine.lr_scheduler)
+        step, first_step = state["step"], state["progress"]["stage_first_step"]
+        log.info("resumed from %s", store.step_path("checkpoints", resume_step))
+    else:
+        if init_from is not None and cfg.checkpoint.load_optimizer:
+            load_checkpoint(init_from, engine, scheduler=None, restore_rng=False)
+        step = first_step = stage_first_step(cfg, store)
+    # What was published after the start step belongs to an interrupted attempt: it is
+    # recomputed below (bit-identically in deterministic mode) and must be republished.
+    if dist.is_main:
+        for kind in ("weights", "checkpoints"):
+            dropped = store.delete_steps(kind, [s for s in store.stable_steps(kind) if s > step])
+            if dropped:
+                log.warning("discarded %s steps %s, newer than the start step %d", kind, dropped, step)
+    # Rank 0 decides (its view of the filesystem), so every rank joins the same collectives.
+    if all_reduce_sum([float(dist.is_main and not store.is_stable("weights", step))])[0]:
+        publish(store, step, engine, tokenizer, dtype, dist)  # what the servers start from
+    last_step = first_step + total_steps
+    if dist.is_main:
+        store.append_metrics({"source": "trainer", "event": "start", "step": step, "resumed_from": resume_step,
+                              "init_from": str(init_from) if init_from else None, "world_size": dist.world_size})
+
+    # ------------------------------------------------------------------ the loop
+    while step < last_step:
+        t0 = time.perf_counter()
+        store.wait_for_step("rollouts", step, cfg.trainer.rollout_timeout_s)
+        rollout = read_rollout(store, step)
+        t_wait = time.perf_counter() - t0
+
+        stats = []
+        for _ in range(cfg.trainer.ppo_epochs):
+            for indices in mini_batches(rollout, cfg.trainer.mini_batches_per_step):
+                lengths = rollout.seq_lengths
+                plan = plan_step(lengths, dist.world_size, cfg.trainer.micro_batch_tokens, indices=indices)
+                for i in oversized(lengths, cfg.trainer.micro_batch_tokens, indices):
+                    log.warning("sequence %d (%d tokens) exceeds trainer.micro_batch_tokens", i, lengths[i])
+                batches = [pack(rollout, micro).to(device) for micro in plan[dist.rank]]
+                loss_tokens = sum(rollout.response_lengths[i] for i in indices)
+                stats.append(update(engine, ref_model, batches, loss_tokens, cfg.trainer,
+                                    cfg.sampling.temperature, dist.world_size))
+        step += 1
+        t_train = time.perf_counter() - t0 - t_wait
+        if rollout.extra.get("final"):
+            last_step = step  # the orchestrator's last batch (one epoch when run.max_steps is unset)
+
+        publish(store, step, engine, tokenizer, dtype, dist)
+        if step % cfg.checkpoint.interval == 0 or step == last_step:
+            save_checkpoint(store, step, engine, scheduler=engine.lr_scheduler,
+                            progress={"stage_first_step": first_step, "data": rollout.extra.get("progress")})
+        if dist.is_main:
+            store.apply_retention("weights", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+            store.apply_retention("checkpoints", KEEP_CHECKPOINTS)
+        record = _step_metrics(stats, rollout, engine, cfg.trainer.ppo_epochs, t_wait, t_train, time.perf_counter() - t0)
+        if dist.is_main:
+            store.append_metrics({"source": "trainer", "step": step, **record})
+            log.info("step %d: loss %.4f kl %.5f entropy %.3f grad_norm %.3f %.0f tok/s",
+                     step, record["pg_loss"], record["kl"], record["entropy"], record["grad_norm"], record["tokens_per_s"])
+        maybe_crash("trainer.after_step", step)
+    return step
+
+
+def publish(store: RunStore, step: int, engine, tokenizer, dtype: str, dist) -> None:
+    """Publish ``weights/step_N`` from rank 0. Collective: under ZeRO-3 every rank holds a
+    shard of the weights, so all ranks take part in gathering them."""
+    state = full_model_state(engine)
+    if dist.is_main:
+        publish_weights(store, step, engine.module, tokenizer, dtype=dtype, state_dict=state)
+
+
+def _frozen_copy(model):
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def _step_metrics(stats, rollout, engine, epochs: int, t_wait: float, t_train: float, t_step: float) -> dict:
+    """Mean over the step's updates of the loss terms, summed over ranks (each rank's share
+    was already divided by the mini-batch's token count, times the world size)."""
+    n = len(stats)
+    pg, kl, ent, clip, tokens = all_reduce_sum([
+        sum(s.pg_loss for s in stats), sum(s.kl for s in stats), sum(s.entropy for s in stats),
+        sum(s.clip_fraction for s in stats), sum(s.tokens for s in stats),
+    ])
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    loss_tokens = epochs * sum(rollout.response_lengths)
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "pg_loss": pg / n / world,
+        "kl": kl / n / world,
+        "entropy": ent / n / world,
+        "clip_fraction": clip / max(loss_tokens, 1),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "lr": engine.lr_scheduler.get_last_lr()[0],
+        "weight_step": rollout.weight_step,
+        "tokens": int(tokens),
+        "tokens_per_s": tokens / max(t_train, 1e-9),
+        "time_wait_s": t_wait,
+        "time_train_s": t_train,
+        "time_step_s": t_step,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deepscaler.trainer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, nargs="+", help="run.yaml, or config files")
+    parser.add_argument("--resume-step", help="a checkpoint step, or 'latest'")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, args.resume_step)
+    except (ConfigError, StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""The DeepScaleR reward: answer extraction, normalisation, math-verify, and the deadline pool."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deepscaler import reward
+from deepscaler.reward import (
+    CRASH_SENTINEL,
+    HANG_SENTINEL,
+    BatchScorer,
+    compute_score,
+    extract_answer,
+    gold_answers,
+    last_boxed,
+    mathd_normalize,
+)
+
+LONG_REASONING = "Let me think about this step by step. We try a few values and check. " * 3000  # ~200 kB
+
+
+def ans(boxed: str, before: str = "<think>work</think> The answer is ") -> str:
+    """A well-formed response whose final answer is ``\\boxed{boxed}``."""
+    return before + "\\boxed{" + boxed + "}."
+
+
+# (id, response, ground truth, expected reward). Expected values are DeepScaleR's intent;
+# where math-verify and DeepScaleR's original grader disagree the comment says which wins.
+CASES = [
+    # --- the acceptance example and fraction/decimal spellings
+    ("acceptance", "<think>x</think> so \\boxed{\\frac12}", "0.5", 1.0),
+    ("dfrac_vs_frac", ans("\\dfrac{1}{2}"), "\\frac{1}{2}", 1.0),
+    ("tfrac_vs_decimal", ans("\\tfrac{3}{4}"), "0.75", 1.0),
+    ("frac_vs_half", ans("\\frac{1}{2}"), "0.5", 1.0),
+    ("decimal_vs_frac", ans("0.50"), "\\frac12", 1.0),
+    ("slash_vs_frac", ans("1/2"), "\\frac{1}{2}", 1.0),
+    ("decimal_vs_improper", ans("1.5"), "\\frac{3}{2}", 1.0),
+    ("sign_position", ans("-\\frac{1}{2}"), "\\frac{-1}{2}", 1.0),
+    # DeepScaleR's grader: two plain fractions must be written alike (math-verify would say 1).
+    ("unreduced_fraction", ans("\\frac{2}{4}"), "\\frac{1}{2}", 0.0),
+    ("truncated_decimal_wrong", ans("0.333"), "\\frac13", 0.0),
+    ("similar_fraction_wrong", ans("\\frac{1}{3}"), "\\frac{1}{2}", 0.0),
+    # --- integers and numbers
+    ("commas_in_answer", ans("1,000,000"), "1000000", 1.0),
+    ("commas_in_gold", ans("1234"), "1,234", 1.0),
+    ("float_gold", ans("142"), 142.0, 1.0),
+    ("float_answer_int_gold", ans("142.0"), "142", 1.0),
+    ("int_gold", ans("204"), 204, 1.0),
+    ("float_gold_half", ans("\\frac{1}{2}"), 0.5, 1.0),
+    ("digits_swapped_wrong", ans("21"), "12", 0.0),
+    ("sign_wrong", ans("-5"), "5", 0.0),
+    ("sqrt_not_square", ans("\\sqrt{2}"), "2", 0.0),
+    # math-verify evaluates; DeepScaleR's sympy grader demanded an integer literal for an
+    # integer gold. math-verify's verdict is kept (the value is right).
+    ("unevaluated_power", ans("2^{10}"), "1024", 1.0),
+    ("trailing_period", "</think> So the answer is $\\boxed{5.}$", "5", 1.0),
+    ("dollars", ans("\\$1,000"), "1000", 1.0),
+    # --- equations, text, units, percent, degrees
+    ("x_equals", ans("x=3"), "3", 1.0),
+    ("x_equals_wrong", ans("x=4"), "3", 0.0),
+    ("gold_x_equals", ans("3"), "x = 3", 1.0),
+    ("text_monday", ans("\\text{Monday}"), "Monday", 1.0),
+    ("text_wrong_day", ans("\\text{Tuesday}"), "Monday", 0.0),
+    ("units_text", ans("5 \\text{ cm}"), "5", 1.0),
+    ("units_word", ans("12 inches"), "12", 1.0),
+    ("percent", ans("10\\%"), "10", 1.0),  # DeepScaleR strips \% too (math-verify agrees)
+    ("percent_as_fraction", ans("50\\%"), "0.5", 1.0),
+    ("degrees", ans("30^\\circ"), "30", 1.0),
+    ("degrees_braced_gold", ans("30"), "30^{\\circ}", 1.0),
+    ("multiple_choice", ans("\\text{(B)}"), "B", 1.0),
+    ("multiple_choice_wrong", ans("(B)"), "A", 0.0),
+    # --- intervals, sets, tuples, expressions
+    ("interval", ans("[1, 2)"), "[1,2)", 1.0),
+    ("interval_wrong_ends", ans("(1,2]"), "[1,2)", 0.0),
+    ("interval_infinity", ans("(-\\infty, 3)"), "(-\\infty,3)", 1.0),
+    ("set_unordered", ans("\\{2,1\\}"), "\\{1,2\\}", 1.0),
+    ("tuple_ordered", ans("(2,1)"), "(1,2)", 0.0),
+    ("left_right", ans("\\left(3, \\frac{\\pi}{2}\\right)"), "(3,\\frac{\\pi}{2})", 1.0),
+    ("sqrt_forms", ans("\\frac{\\sqrt3}{2}"), "\\frac{1}{2}\\sqrt{3}", 1.0),
+    ("polynomial_reordered", ans("x^4-2x^3-13x^2+14x+24"), "24 + 14x - 13x^2 - 2x^3 + x^4", 1.0),
+    ("pi_not_3_14", ans("\\pi"), "3.14", 0.0),
+    # --- where the answer is taken from
+    ("nested_boxes", ans("\\boxed{5}"), "5", 1.0),
+    ("boxed_space_form", "</think> Hence $\\boxed 5$.", "5", 1.0),
+    ("fbox", "</think> Hence \\fbox{5}", "5", 1.0),
+    ("last_box_wins", "</think> First \\boxed{4}, corrected: \\boxed{5}", "5", 1.0),
+    ("last_box_wins_not_first", "</think> First \\boxed{4}, corrected: \\boxed{5}", "4", 0.0),
+    ("box_only_in_reasoning", "<think>so \\boxed{5}</think> The answer is 5.", "5", 0.0),
+    ("no_think_end", "<think>so the answer is \\boxed{5}", "5", 0.0),
+    ("no_think_tags_at_all", "The answer is \\boxed{5}", "5", 0.0),
+    ("think_open_absent", "reasoning without the opening tag</think> \\boxed{5}", "5", 1.0),
+    ("second_think_end", "</think> \\boxed{5} </think>", "5", 1.0),
+    ("empty_response", "", "5", 0.0),
+    ("none_response", None, "5", 0.0),
+    ("empty_box", ans(""), "5", 0.0),
+    ("unclosed_last_box", "</think> \\boxed{5} then \\boxed{\\frac{1}{2}", "5", 0.0),
+    ("very_long_response", "<think>" + LONG_REASONING + "</think> \\boxed{7}", "7", 1.0),
+    # --- ground truth shapes
+    ("list_gold_one", ans("9.6"), ["9.6\n"], 1.0),
+    ("list_gold_alternatives", ans("0.02"), ["0.01", "0.02"], 1.0),
+    ("list_gold_none_match", ans("0.03"), ["0.01", "0.02"], 0.0),
+    ("none_gold", ans("5"), None, 0.0),
+    ("empty_gold", ans("5"), "", 0.0),
+    ("boxed_gold", ans("7"), "so \\boxed{7}", 1.0),
+    # --- malformed LaTeX never raises, never scores
+    ("malformed_frac", ans("\\frac{}{}"), "5", 0.0),
+    ("malformed_parens", ans(")("), "5", 0.0),
+    ("unknown_macro", ans("\\undefinedmacro{5}"), "6", 0.0),
+    ("malformed_sqrt", ans("\\sqrt{}"), "0", 0.0),
+]
+
+
+@pytest.mark.parametrize("response,ground_truth,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_compute_score(response, ground_truth, expected):
+    assert compute_score(response, ground_truth) == expected
+
+
+def test_case_table_is_big_enough():
+    assert len(CASES) >= 40
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_acceptance_example():
+    assert compute_score("<think>x</think> so \\boxed{\\frac12}", "0.5") == 1.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("a \\boxed{1} b \\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+        ("\\boxed{\\left\\{ x \\right.}", "\\left\\{ x \\right."),
+        ("$\\boxed 12$ and more", "12"),
+        ("\\boxed {3}", "3"),
+        ("\\fbox{4}", "4"),
+        ("\\fbox{4} \\boxed{5}", "5"),
+        ("\\boxed{5", None),
+        ("\\boxed{}", None),
+        ("no box", None),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+def test_extract_answer_after_first_think_end():
+    assert extract_answer("<think>\\boxed{1}</think>\\boxed{2}</think>\\boxed{3}") == "3"
+    assert extract_answer("\\boxed{1}") is None
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        (None, ()),
+        (True, ()),
+        ("", ()),
+        ("  7\n", ("7",)),
+        (142.0, ("142",)),
+        (0.5, ("0.5",)),
+        (float("nan"), ()),
+        (3, ("3",)),
+        (["9.6\n"], ("9.6",)),
+        (["11000\n", "11000"], ("11000",)),
+        ("\\boxed{\\frac{1}{2}}", ("\\frac{1}{2}",)),
+    ],
+)
+def test_gold_answers(raw, expected):
+    assert gold_answers(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("\\dfrac{1}{2}", "\\frac{1}{2}"),
+        ("\\frac12", "\\frac{1}{2}"),
+        ("0.5", "\\frac{1}{2}"),
+        (".5", "\\frac{1}{2}"),
+        ("1/2", "\\frac{1}{2}"),
+        ("1,000", "1000"),
+        ("142.00", "142"),
+        ("\\text{Monday}", "Monday"),
+        ("x = 3", "3"),
+        ("30^{\\circ}", "30"),
+        ("10\\%", "10"),
+        ("\\left( 1, 2 \\right)", "(1,2)"),
+        ("5\\!000", "5000"),
+        ("\\sqrt3", "\\sqrt{3}"),
+        ("5 \\text{ cm}^2", "5"),
+        ("5.", "5"),
+    ],
+)
+def test_mathd_normalize(raw, expected):
+    assert mathd_normalize(raw) == expected
+
+
+def test_compute_score_refuses_other_threads():
+    """math-verify's SIGALRM timeouts fail off the main thread: refuse, never silent zeros."""
+    errors = []
+
+    def run():
+        try:
+            compute_score(ans("1"), "1")
+        except RuntimeError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+# --------------------------------------------------------------------------- batch scorer
+
+
+def _alive(pid: int) -> bool:
+    """True while the pid exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _mixed_batch():
+    pairs = [(c[1], c[2]) for c in CASES if c[0] != "very_long_response"]
+    pairs += [(ans(str(i)), str(i if i % 3 else i + 1)) for i in range(30)]
+    pairs += [(ans(f"\\frac{{{i}}}{{{i + 1}}}"), f"{i / (i + 1):.6f}") for i in range(1, 10)]
+    return pairs
+
+
+def test_batch_matches_compute_score_in_order():
+    pairs = _mixed_batch()
+    expected = [compute_score(r, g) for r, g in pairs]
+    with BatchScorer(workers=2, deadline_s=10) as scorer:
+        pids = scorer.pids
+        assert scorer.score(pairs) == expected
+        assert scorer.score([]) == []
+        assert scorer.score(pairs[:3]) == expected[:3]
+        assert scorer.stats.timeouts == 0 and scorer.stats.crashes == 0
+        assert scorer.stats.items == len(pairs) + 3
+        # Items without </think> or a box never reach a worker.
+        assert scorer.stats.graded < scorer.stats.items
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_batch_score_works_from_a_thread():
+    """The orchestrator may score from a worker thread: only the pool's workers need SIGALRM."""
+    pairs = [(ans("0.5"), "\\frac12"), (ans("x=3"), "3"), ("no think", "1"), (ans("4"), "5")]
+    out = []
+    with BatchScorer(workers=1, deadline_s=10) as scorer:
+        t = threading.Thread(target=lambda: out.append(scorer.score(pairs)))
+        t.start()
+        t.join(60)
+    assert out == [[1.0, 1.0, 0.0, 0.0]]
+
+
+@pytest.mark.slow
+def test_batch_recovers_after_an_interrupted_call():
+    """Ctrl-C during score(): the next call must not receive the old batch's results."""
+    pairs = [(ans("1"), HANG_SENTINEL)] + [(ans(str(i)), str(i)) for i in range(20)]
+    with BatchScorer(workers=2, deadline_s=30, _test_hooks=True) as scorer:
+        timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            scorer.score(pairs)
+        timer.join()
+        fresh = [(ans(str(i)), str(i + 1)) for i in range(20)]
+        assert scorer.score(fresh) == [0.0] * 20
+        assert scorer.score(pairs[1:]) == [1.0] * 20
+
+
+@pytest.mark.slow
+def test_batch_adversarial_items_hit_the_deadline():
+    deadline = 2.0
+    bad = [(ans("9^{9^{9^9}}"), "2"), (ans("2^{10^{10}}"), "3")]
+    good = [(ans(str(i)), str(i)) for i in range(30)]
+    pairs = good[:10] + bad[:1] + good[10:20] + bad[1:] + good[20:]
+    with BatchScorer(workers=2, deadline_s=deadline) as scorer:
+        start = time.monotonic()
+        scores = scorer.score(pairs)
+        elapsed = time.monotonic() - start
+        assert scores == [0.0 if p in bad else 1.0 for p in pairs]
+        assert scorer.stats.timeouts == len(bad)
+        assert scorer.stats.max_item_s <= deadline + 1.0
+        assert elapsed <= len(bad) * (deadline + 1.0)
+        # The pool is whole again afterwards.
+        assert len(scorer.pids) == 2 and all(_alive(pid) for pid in scorer.pids)
+        assert scorer.score(good[:5]) == [1.0] * 5
+
+
+@pytest.mark.slow
+def test_batch_worker_crash_loses_no_other_scores():
+    pairs = _mixed_batch()
+    expected = [compute_score(r, g) for r, g in pairs]
+    crash_at = len(pairs) // 2
+    pairs.insert(crash_at, (ans("1"), CRASH_SENTINEL))
+    expected.insert(crash_at, 0.0)
+    with BatchScorer(workers=2, deadline_s=10, _test_hooks=True) as scorer:
+        assert scorer.score(pairs) == expected
+        assert scorer.stats.crashes == 2  # the first death and the one retry
+        assert scorer.stats.respawns == 2
+        assert scorer.stats.timeouts == 0
+
+
+@pytest.mark.slow
+def test_batch_workers_killed_externally_mid_batch():
+    """SIGKILL from outside (OOM killer, an operator): the items in flight are retried."""
+    pairs = _mixed_batch()
+    expected = [compute_score(r, g) for r, g in pairs]
+    pairs.insert(5, (ans("1"), HANG_SENTINEL))  # keeps the batch running past the kill
+    expected.insert(5, 0.0)
+    with BatchScorer(workers=2, deadline_s=3, _test_hooks=True) as scorer:
+        victims = scorer.pids
+
+        def kill():
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        timer = threading.Timer(0.5, kill)
+        timer.start()
+        try:
+            assert scorer.score(pairs) == expected
+        finally:
+            timer.cancel()
+        assert scorer.stats.crashes >= 1
+        assert scorer.stats.timeouts == 1
+        assert not set(victims) & set(scorer.pids)
+
+
+def test_close_leaves_no_worker_processes():
+    import multiprocessing
+
+    scorer = BatchScorer(workers=2, deadline_s=5)
+    pids = scorer.pids
+    assert all(_alive(pid) for pid in pids)
+    assert scorer.score([(ans("2"), "2")]) == [1.0]
+    scorer.close()
+    scorer.close()  # idempotent
+    assert not any(_alive(pid) for pid in pids)
+    assert not {p.pid for p in multiprocessing.active_children()} & set(pids)
+    with pytest.raises(RuntimeError):
+        scorer.score([(ans("2"), "2")])
+
+
+def test_batch_scorer_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        BatchScorer(workers=1, deadline_s=0)
+
+
+def test_module_documents_semantics():
+    doc = reward.__doc__
+    assert "</think>" in doc and "SIGALRM" in doc
