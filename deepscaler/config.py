@@ -156,7 +156,6 @@ class InferenceConfig:
     # None: max_prompt_tokens + max_response_tokens.
     max_model_len: Union[int, None] = None
     enable_prefix_caching: bool = True
-    port: int = 8000
     startup_timeout_s: float = 900.0
     # auto: in-place reload on GPU vLLM, engine restart on CPU (see docs/architecture.md).
     weight_update: Literal["auto", "reload", "restart"] = "auto"
@@ -185,6 +184,8 @@ class SlurmConfig:
     hetjob: bool = True
     # Seconds before the time limit at which the job checkpoints and requeues.
     signal_delay_s: int = 300
+    # Requeues after a time limit before the job gives up (preemptions do not count).
+    max_requeues: int = 20
     extra_sbatch: list[str] = field(default_factory=list)  # e.g. "--exclusive"
     setup: list[str] = field(default_factory=list)  # e.g. "module load cuda/12.4"
     inference: ComponentResources = field(default_factory=ComponentResources)

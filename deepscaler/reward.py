@@ -119,6 +119,24 @@ def last_boxed(text: str) -> str | None:
     return content.strip()
 
 
+# A LaTeX backslash eaten by a Python string escape: "\boxed" typed in a non-raw literal (or a
+# shell command such as python -c "...\\boxed...") arrives as "\x08oxed", "\frac" as "\x0crac".
+# No model emits these control characters, so they are turned back into the command they came
+# from; tab and carriage return only before a LaTeX command they can start (\times, \text,
+# \right), since plain tabs and line ends are ordinary text.
+_ESCAPE_DAMAGE = re.compile(
+    r"[\x07\x08\x0b\x0c](?=[A-Za-z])"
+    r"|\t(?=(?:imes|heta|an|ilde|riangle|frac|ext[a-z]*)(?![A-Za-z]))"
+    r"|\r(?=(?:ight|angle|ho)(?![A-Za-z]))"
+)
+_ESCAPED_LETTER = {"\x07": "a", "\x08": "b", "\x0b": "v", "\x0c": "f", "\t": "t", "\r": "r"}
+
+
+def repair_escapes(text: str) -> str:
+    """Undo Python-escape damage to LaTeX commands (see ``_ESCAPE_DAMAGE``)."""
+    return _ESCAPE_DAMAGE.sub(lambda m: "\\" + _ESCAPED_LETTER[m.group()], text)
+
+
 def extract_answer(response: Any) -> str | None:
     """The final answer of a response: the last box after the first ``</think>``, or None.
 
@@ -127,7 +145,7 @@ def extract_answer(response: Any) -> str | None:
     """
     if not isinstance(response, str):
         return None
-    _, sep, after = response.partition(THINK_END)
+    _, sep, after = repair_escapes(response).partition(THINK_END)
     if not sep:
         return None
     return last_boxed(after)
@@ -152,7 +170,7 @@ def gold_answers(ground_truth: Any) -> tuple[str, ...]:
     if ground_truth is None or isinstance(ground_truth, bool):
         return ()
     if isinstance(ground_truth, str):
-        text = ground_truth.strip()
+        text = repair_escapes(ground_truth).strip()
         if "\\boxed" in text or "\\fbox" in text:
             text = last_boxed(text) or ""
         return (text,) if text else ()

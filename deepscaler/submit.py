@@ -1,17 +1,22 @@
 """``python -m deepscaler.submit``: one command per training stage.
 
-    python -m deepscaler.submit --stage 1 --preset tiny --dry-run
-    python -m deepscaler.submit --stages 1,2,3 slurm.partition=gpu
+    python -m deepscaler.submit --stage 1 --preset tiny                 # runs here, on CPU
+    python -m deepscaler.submit --stages 1,2,3 slurm.partition=gpu      # chained Slurm jobs
 
 The config is ``yaml/stage<K>.yaml``, then the preset, then ``key=value`` overrides.
+``--executor local`` runs the stage's processes on this machine; ``slurm`` submits them as
+one heterogeneous job (the default when ``sbatch`` is on the PATH).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 
 from deepscaler.config import Config, ConfigError, stage_config, to_yaml
+from deepscaler.data import DataError
+from deepscaler.store import RunStore, StoreError
 
 
 def parse_stages(args: argparse.Namespace) -> list[int]:
@@ -50,6 +55,24 @@ def describe(cfg: Config) -> str:
     )
 
 
+def summary(store: RunStore) -> str:
+    """What a finished stage leaves behind, for the end of the command's output."""
+    from deepscaler.progress import step_rows
+
+    rows = [r for r in step_rows(store.read_metrics().records) if "reward_mean" in r]
+    curve = " ".join(f"{r['reward_mean']:.2f}" for r in rows[-20:])
+    weights, ckpt = store.latest_stable("weights"), store.latest_stable("checkpoints")
+    lines = [
+        f"stage {store.stage} of run '{store.run}' finished: {len(rows)} steps",
+        f"  reward per step: {curve or '-'}",
+        f"  weights:     {store.step_path('weights', weights) if weights is not None else '-'}",
+        f"  checkpoint:  {store.step_path('checkpoints', ckpt) if ckpt is not None else '-'}",
+        f"  metrics:     {store.metrics_path}",
+        f"  logs:        {store.logs_dir}",
+    ]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deepscaler.submit", description=__doc__.split("\n\n")[0])
     which = p.add_mutually_exclusive_group()
@@ -58,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="a preset applied on top of the stage file, e.g. tiny")
     p.add_argument("--output-dir", help="where runs are written (run.output_dir)")
     p.add_argument("--max-steps", type=int, help="steps to run in each stage (run.max_steps)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and plan; submit nothing")
+    p.add_argument("--resume-step", help="resume from checkpoints/step_N, or 'latest'")
+    p.add_argument("--executor", choices=("auto", "local", "slurm"), default="auto",
+                   help="local: processes on this machine; slurm: a heterogeneous job (auto: slurm if sbatch is on PATH)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and the resolved config; run nothing")
+    p.add_argument("--wait", action="store_true", help="slurm: block and stream progress until the job(s) end")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.optimizer.lr=2e-6")
     return p
 
@@ -67,19 +94,43 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         configs = resolve(args)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.dry_run:
-        print(
-            "error: running a stage needs the trainer and orchestrator, which are not built yet; "
-            "use --dry-run to check the config",
-            file=sys.stderr,
-        )
+    executor = args.executor if args.executor != "auto" else ("slurm" if shutil.which("sbatch") else "local")
+    if executor == "slurm" and not args.dry_run and shutil.which("sbatch") is None:
+        print("error: sbatch is not on PATH: run this on a Slurm login node, or pass --executor local",
+              file=sys.stderr)
         return 2
-    for cfg in configs:
-        print(f"# {describe(cfg)}")
-        print(to_yaml(cfg), end="")
+    if args.dry_run:
+        for i, cfg in enumerate(configs):
+            print(f"# {describe(cfg)} [{executor}]")
+            if executor == "slurm":
+                from deepscaler.slurm import dry_run_script
+
+                print(dry_run_script(cfg, dependency=f"afterok:<job of stage {configs[i - 1].run.stage}>" if i else None))
+            print(to_yaml(cfg), end="")
+        return 0
+    if executor == "slurm":
+        from deepscaler.slurm import submit_stages
+
+        return submit_stages(configs, args.resume_step, wait=args.wait)
+
+    from deepscaler.launch import LaunchError, run_stage
+
+    for i, cfg in enumerate(configs):
+        print(f"# {describe(cfg)}", flush=True)
+        try:
+            # Only the first stage resumes; a later one starts from its predecessor's checkpoint.
+            store = run_stage(cfg, args.resume_step if i == 0 else None)
+        except KeyboardInterrupt:
+            print("interrupted: every process of the stage was stopped; resume with --resume-step latest",
+                  file=sys.stderr)
+            return 130
+        except (LaunchError, ConfigError, StoreError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(summary(store), flush=True)
     return 0
 
 

@@ -269,7 +269,7 @@ def test_cli_error_is_one_line_and_exit_2():
 
 
 def test_submit_dry_run_prints_the_resolved_stages():
-    out = _run("deepscaler.submit", "--stages", "1,2", "--preset", "tiny", "--dry-run", "--max-steps", "3")
+    out = _run("deepscaler.submit", "--stages", "1,2", "--preset", "tiny", "--dry-run", "--max-steps", "3", "--executor", "local")
     assert out.returncode == 0, out.stderr
     docs = [d for d in out.stdout.split("# stage ") if d.strip()]
     assert len(docs) == 2

@@ -33,6 +33,11 @@ def ans(boxed: str, before: str = "<think>work</think> The answer is ") -> str:
 CASES = [
     # --- the acceptance example and fraction/decimal spellings
     ("acceptance", "<think>x</think> so \\boxed{\\frac12}", "0.5", 1.0),
+    # The acceptance command typed in a shell: python -c "...\\boxed{\\frac12}..." hands Python
+    # '\boxed{\frac12}', whose \b and \f are escapes (backspace, form feed).
+    ("python_escapes_eaten", "<think>x</think> so \x08oxed{\x0crac12}", "0.5", 1.0),
+    ("python_escapes_tab_text", ans("5\text{ cm}"), "5", 1.0),
+    ("plain_tab_kept", "<think>x</think>\tanswer: \\boxed{7}", "7", 1.0),
     ("dfrac_vs_frac", ans("\\dfrac{1}{2}"), "\\frac{1}{2}", 1.0),
     ("tfrac_vs_decimal", ans("\\tfrac{3}{4}"), "0.75", 1.0),
     ("frac_vs_half", ans("\\frac{1}{2}"), "0.5", 1.0),

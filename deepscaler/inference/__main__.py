@@ -1,0 +1,5 @@
+import sys
+
+from deepscaler.inference.server import main
+
+sys.exit(main())

@@ -1,0 +1,475 @@
+"""The inference server process: one HTTP contract, two backends (transformers, vLLM).
+
+    python -m deepscaler.inference --config RUN/stageK/run.yaml --name server0 \\
+        [--host H] [--port 0] [--weights-step N|latest|base] [key=value ...]
+
+Why a contract of our own rather than vLLM's OpenAI server: the trainer needs, per sampled
+token, its log-prob under the *sampling* distribution, and every weight update must drain
+requests, reset the prefix cache and be verified; the tiny preset must serve exactly the same
+API from transformers on a CPU. docs/inference.md is the reference; in short:
+
+    GET  /health          {"status", "weight_step", "backend", "model", "dtype", "name"}
+    POST /generate        {"prompts": [[ids]], "n", "max_tokens", "temperature", "top_p", "seed"}
+    POST /probe           {"token_ids": [ids]} -> prompt log-probs at temperature 1
+    POST /update_weights  {"step", "path"} -> reload weights/step_N (drained, leased, cache reset)
+
+Requests run one at a time (a lock): an update waits for the generate in flight, and a
+generate never sees half-loaded weights. /health never waits. Send a step's prompts in one
+/generate request: the backend batches inside a request, not across requests.
+
+The address is announced (``servers/<name>.addr``) only once the model is loaded, and removed
+on SIGTERM/SIGINT (exit 0). Every request needs ``Authorization: Bearer $DEEPSCALER_SERVER_TOKEN``
+when that variable is set. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Protocol
+
+from deepscaler.config import Config, ConfigError, load_config
+from deepscaler.store import RunStore, StepNotFound, StoreError
+
+log = logging.getLogger("deepscaler.inference")
+
+TOKEN_ENV = "DEEPSCALER_SERVER_TOKEN"
+# weight_step values that are not a published step.
+BASE_STEP = -1  # started from the base model (model.name), not from weights/step_N
+UNKNOWN_STEP = -2  # an update failed part-way: the weights are unknown until the next update
+MAX_BODY_BYTES = 256 * 2**20  # 256 MiB: a step's prompts are a few MB of JSON
+MAX_SAMPLES = 1024  # n per prompt
+STOP_GRACE_S = 10.0  # on SIGTERM, how long to wait for the request in flight
+
+
+class RequestError(ValueError):
+    """A request the server refuses; ``status`` is the HTTP code. The message is one line."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class BackendDead(RuntimeError):
+    """The engine is gone (its process died): the server cannot serve and exits."""
+
+
+class Backend(Protocol):
+    """What the server needs from an engine (``hf.HFBackend``, ``vllm_backend.VllmBackend``)."""
+
+    name: str  # "hf" | "vllm"
+    max_model_len: int  # prompt + response tokens
+    vocab_size: int  # token ids must be < this
+
+    def generate(self, req: "GenerateRequest") -> list[list[dict]]: ...
+    def probe(self, token_ids: list[int]) -> list[float]: ...
+    def update(self, path: Path, step: int) -> dict: ...  # {"method", "prefix_cache_reset"}
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- shared rules
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The RNG seed of one sample: a function of (request seed, prompt index, sample index)
+    only, so a sample is the same whatever else is in the batch. 63 bits (vLLM and
+    torch.Generator both take it)."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def request_seed(seed: int | None) -> int:
+    """A request without a seed gets a random one (not reproducible, as asked)."""
+    return secrets.randbits(63) if seed is None else seed
+
+
+def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """Where sampling stops: the tokenizer's eos plus generation_config's eos ids (an int or
+    a list; DeepSeek-R1's generation config names the same id as its tokenizer)."""
+    ids: list[int] = []
+    candidates = [getattr(tokenizer, "eos_token_id", None)]
+    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    candidates += extra if isinstance(extra, (list, tuple)) else [extra]
+    for i in candidates:
+        if isinstance(i, int) and i >= 0 and i not in ids:
+            ids.append(i)
+    if not ids:
+        raise ValueError("the model has no eos token id (tokenizer and generation_config.json name none)")
+    return ids
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+def _check_keys(body: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    missing = [k for k in required if k not in body]
+    if missing:
+        raise RequestError(f"missing field '{missing[0]}'")
+    unknown = sorted(set(body) - set(required) - set(optional))
+    if unknown:
+        raise RequestError(f"unknown field '{unknown[0]}' (fields: {', '.join(required + optional)})")
+    return body
+
+
+def _check_ids(ids: Any, field: str, max_model_len: int, vocab_size: int, min_len: int = 1) -> list[int]:
+    """A list of token ids that fits the model: in range, at least ``min_len``, and leaving
+    room for one more token (a prompt must be shorter than the max model length)."""
+    if not isinstance(ids, list):
+        raise RequestError(f"{field} must be a list of token ids, got {type(ids).__name__}")
+    if len(ids) < min_len:
+        raise RequestError(f"{field} has {len(ids)} tokens; it needs at least {min_len}")
+    if len(ids) >= max_model_len:
+        raise RequestError(f"{field} has {len(ids)} tokens; the server's max model length is "
+                           f"{max_model_len} (prompt tokens must be fewer)")
+    for j, t in enumerate(ids):
+        if not _is_int(t) or not 0 <= t < vocab_size:
+            raise RequestError(f"{field}[{j}] must be a token id in [0, {vocab_size}), got {t!r}")
+    return ids
+
+
+def parse_generate(body: Any, max_model_len: int, vocab_size: int) -> GenerateRequest:
+    """Validate a /generate body; a RequestError names the first bad field or prompt index."""
+    body = _check_keys(body, ("prompts", "n", "max_tokens", "temperature", "top_p"), ("seed",))
+    prompts = body["prompts"]
+    if not isinstance(prompts, list) or not prompts:
+        raise RequestError("prompts must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        _check_ids(p, f"prompts[{i}]", max_model_len, vocab_size)
+    n, max_tokens, temperature, top_p = body["n"], body["max_tokens"], body["temperature"], body["top_p"]
+    seed = body.get("seed")
+    if not _is_int(n) or not 1 <= n <= MAX_SAMPLES:
+        raise RequestError(f"n must be an integer in [1, {MAX_SAMPLES}], got {n!r}")
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise RequestError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if not _is_number(temperature) or temperature < 0:
+        raise RequestError(f"temperature must be a number >= 0, got {temperature!r}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise RequestError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if seed is not None and not _is_int(seed):
+        raise RequestError(f"seed must be an integer or null, got {seed!r}")
+    return GenerateRequest(prompts, n, max_tokens, float(temperature), float(top_p), seed)
+
+
+def parse_probe(body: Any, max_model_len: int, vocab_size: int) -> list[int]:
+    body = _check_keys(body, ("token_ids",))
+    return _check_ids(body["token_ids"], "token_ids", max_model_len, vocab_size, min_len=2)
+
+
+def parse_update(body: Any) -> tuple[int, str]:
+    body = _check_keys(body, ("step", "path"))
+    step, path = body["step"], body["path"]
+    if not _is_int(step) or step < 0:
+        raise RequestError(f"step must be an integer >= 0, got {step!r}")
+    if not isinstance(path, str) or not path:
+        raise RequestError(f"path must be a non-empty string, got {path!r}")
+    return step, path
+
+
+def max_model_len(cfg: Config) -> int:
+    """inference.max_model_len, or the longest a rollout can be: prompt + response."""
+    return cfg.inference.max_model_len or cfg.data.max_prompt_tokens + cfg.sampling.max_response_tokens
+
+
+# --------------------------------------------------------------------------- the application
+
+
+class InferenceServer:
+    """The endpoints, independent of HTTP: each takes the parsed JSON body, returns a dict."""
+
+    def __init__(self, name: str, store: RunStore, backend: Backend, weight_step: int, model: str, dtype: str):
+        self.name, self.store, self.backend = name, store, backend
+        self.weight_step = weight_step
+        self.model, self.dtype = model, dtype
+        self.lock = threading.Lock()  # one backend operation at a time (drains for updates)
+        self.token = os.environ.get(TOKEN_ENV) or None
+        self.dead = threading.Event()  # set when the engine died: main() stops with exit 1
+
+    def authorized(self, header: str | None) -> bool:
+        if self.token is None:
+            return True
+        return header is not None and hmac.compare_digest(header.encode(), f"Bearer {self.token}".encode())
+
+    def health(self, _body: Any = None) -> dict:
+        return {"status": "ok", "weight_step": self.weight_step, "backend": self.backend.name,
+                "model": self.model, "dtype": self.dtype, "name": self.name}
+
+    def generate(self, body: Any) -> dict:
+        req = parse_generate(body, self.backend.max_model_len, self.backend.vocab_size)
+        with self.lock:
+            start = time.perf_counter()
+            results = self.backend.generate(req)
+            step = self.weight_step
+        seconds = time.perf_counter() - start
+        tokens = sum(len(s["token_ids"]) for per_prompt in results for s in per_prompt)
+        log.info("generate: %d prompts x %d samples, %d tokens in %.2f s (%.0f tok/s), weights step %d",
+                 len(req.prompts), req.n, tokens, seconds, tokens / max(seconds, 1e-9), step)
+        return {"weight_step": step, "results": results}
+
+    def probe(self, body: Any) -> dict:
+        ids = parse_probe(body, self.backend.max_model_len, self.backend.vocab_size)
+        with self.lock:
+            return {"weight_step": self.weight_step, "logprobs": self.backend.probe(ids)}
+
+    def update_weights(self, body: Any) -> dict:
+        step, path = parse_update(body)
+        expected = self.store.step_path("weights", step)
+        if os.path.realpath(path) != os.path.realpath(expected):
+            raise RequestError(f"path {path} is not weights/step_{step} of this run ({expected})")
+        with self.lock:
+            start = time.perf_counter()
+            try:
+                self.store.step_dir("weights", step)  # says "no STABLE marker" or "does not exist"
+                # The lease keeps retention from deleting the folder while it is read.
+                with self.store.lease("weights", step, holder=self.name) as folder:
+                    report = self.backend.update(folder, step)
+            except StepNotFound as e:
+                raise RequestError(str(e), status=409) from None
+            except BaseException:
+                self.weight_step = UNKNOWN_STEP
+                raise
+            self.weight_step, self.model = step, str(expected)
+        seconds = time.perf_counter() - start
+        log.info("loaded weights step %d by %s in %.2f s (prefix cache reset: %s)",
+                 step, report["method"], seconds, report["prefix_cache_reset"])
+        return {"weight_step": step, "seconds": round(seconds, 4), "method": report["method"],
+                "prefix_cache_reset": report["prefix_cache_reset"]}
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+ROUTES = {("GET", "/health"): "health", ("POST", "/generate"): "generate",
+          ("POST", "/probe"): "probe", ("POST", "/update_weights"): "update_weights"}
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "deepscaler-inference"
+    protocol_version = "HTTP/1.1"  # keep-alive: the orchestrator reuses one connection
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        app: InferenceServer = self.server.app  # type: ignore[attr-defined]
+        path = self.path.split("?", 1)[0]
+        try:
+            if not app.authorized(self.headers.get("Authorization")):
+                self.close_connection = True  # the body (if any) stays unread
+                raise RequestError(f"missing or wrong bearer token (set {TOKEN_ENV} for the client)", 401)
+            route = ROUTES.get((method, path))
+            if route is None:
+                known = any(p == path for _, p in ROUTES)
+                self.close_connection = True
+                raise RequestError(f"{method} {path}: {'wrong method' if known else 'no such endpoint'}",
+                                   405 if known else 404)
+            body = self._read_json() if method == "POST" else None
+            result = getattr(app, route)(body)
+        except RequestError as e:
+            self._send(e.status, {"error": str(e)})
+        except BackendDead as e:
+            log.error("the engine died: %s", e)
+            self._send(503, {"error": f"server {app.name}: the engine died: {_one_line(e)}"})
+            app.dead.set()
+        except Exception as e:  # a bug or an engine error: report it, keep serving
+            log.exception("%s %s failed", method, path)
+            self._send(500, {"error": f"{type(e).__name__}: {_one_line(e)}"})
+        else:
+            self._send(200, result)
+
+    def _read_json(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise RequestError("a JSON body with a Content-Length header is required", 411)
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise RequestError(f"request body of {length} bytes is over the {MAX_BODY_BYTES} byte limit", 413)
+        raw = self.rfile.read(int(length))
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON ({_one_line(e)})") from None
+
+    def _send(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            log.warning("client went away before the %d response to %s was sent", status, self.path)
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        # One line per request (never headers: they carry the token); health polls at debug.
+        level = logging.DEBUG if self.path == "/health" else logging.INFO
+        log.log(level, "%s %s", self.address_string(), fmt % args)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a request in flight must not keep a stopping server alive
+    allow_reuse_address = True
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def resolve_start(store: RunStore, spec: str) -> int:
+    """``--weights-step N|latest|base`` -> a stable weights step, or BASE_STEP."""
+    if spec == "base":
+        return BASE_STEP
+    if spec == "latest":
+        latest = store.latest_stable("weights")
+        return BASE_STEP if latest is None else latest
+    try:
+        step = int(spec)
+    except ValueError:
+        raise ConfigError(f"--weights-step '{spec}': expected a step number, 'latest' or 'base'") from None
+    store.step_dir("weights", step)  # StepNotFound names the folder and lists the stable steps
+    return step
+
+
+def default_host() -> str:
+    """127.0.0.1 outside Slurm; inside a job, this node's address as other nodes reach it."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return "127.0.0.1"
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        ip = "127.0.0.1"
+    if ip.startswith("127."):  # Debian maps the hostname to 127.0.1.1: ask the routing table
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(("10.255.255.255", 1))  # UDP connect sends nothing
+                ip = s.getsockname()[0]
+            except OSError:
+                pass
+    return ip
+
+
+def make_backend(cfg: Config, source: str, revision: str | None) -> Backend:
+    if cfg.inference.backend == "hf":
+        from deepscaler.inference.hf import HFBackend
+
+        return HFBackend(source, cfg.model.dtype, max_model_len(cfg), revision=revision)
+    from deepscaler.inference.vllm_backend import VllmBackend
+
+    return VllmBackend(cfg, source, revision=revision)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deepscaler.inference", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, nargs="+", help="run.yaml, or config files")
+    parser.add_argument("--name", required=True,
+                        help="server name: servers/<name>.addr; '{rank}' is replaced by SLURM_PROCID "
+                             "(one srun step starts every server of a Slurm job)")
+    parser.add_argument("--host", help="address to bind and announce (default: 127.0.0.1, or this node's IP in Slurm)")
+    parser.add_argument("--port", type=int, default=0, help="0: a free port (the default)")
+    parser.add_argument("--weights-step", default="latest", help="N, latest (default) or base")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    args.name = args.name.replace("{rank}", os.environ.get("SLURM_PROCID", "0"))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
+    backend = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
+        store.remove_server_address(args.name)  # a stale file of a killed predecessor misleads waiters
+        step = resolve_start(store, args.weights_step)
+        start = time.perf_counter()
+        if step == BASE_STEP:
+            from deepscaler.model import model_source
+
+            source, revision = model_source(cfg), cfg.model.revision
+            log.info("starting %s backend on the base model %s", cfg.inference.backend, source)
+            backend = make_backend(cfg, source, revision)
+        else:
+            with store.lease("weights", step, holder=args.name) as folder:
+                source, revision = str(folder), None
+                log.info("starting %s backend on weights step %d (%s)", cfg.inference.backend, step, folder)
+                backend = make_backend(cfg, source, revision)
+        log.info("engine ready in %.1f s (max model length %d)", time.perf_counter() - start, backend.max_model_len)
+        app = InferenceServer(args.name, store, backend, step, source, cfg.model.dtype)
+        bind = args.host or default_host()
+        httpd = _HTTPServer((bind, args.port), _Handler)
+    except (ConfigError, StoreError, RequestError, OSError, ValueError) as e:
+        log.error("error: %s", _one_line(e))
+        if backend is not None:
+            backend.close()
+        return 2
+    except BackendDead as e:
+        log.error("error: %s", _one_line(e))
+        return 1
+    except BaseException:
+        log.exception("start-up failed")
+        if backend is not None:
+            backend.close()
+        return 1
+    httpd.app = app  # type: ignore[attr-defined]
+    host = default_host() if bind in ("0.0.0.0", "") else bind
+    port = httpd.server_address[1]
+    # Until here the default signal actions apply: a SIGTERM during a long engine start-up
+    # ends the process at once (the vLLM engine process notices and follows).
+    stop = threading.Event()
+    received: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: (received.append(signum), stop.set()))
+    threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
+    store.write_server_address(args.name, host, port)
+    log.info("serving on %s:%d (auth %s)", host, port, "on" if app.token else "off")
+
+    while not stop.wait(1.0):
+        if app.dead.is_set():
+            break
+    code = 1 if app.dead.is_set() else 0
+    log.info("stopping (%s)", f"signal {received[0]}" if received else "the engine died")
+    store.remove_server_address(args.name)
+    httpd.shutdown()
+    if not app.lock.acquire(timeout=STOP_GRACE_S):
+        log.warning("a request was still running after %.0f s; stopping anyway", STOP_GRACE_S)
+    backend.close()
+    log.info("stopped (exit %d)", code)
+    logging.shutdown()
+    sys.stderr.flush()
+    # os._exit: request threads may still sit in torch; interpreter teardown under them can crash.
+    os._exit(code)

@@ -1,0 +1,162 @@
+"""Run one stage's processes on this machine: inference servers, trainer, orchestrator.
+
+They are the same entry points a Slurm job runs (``python -m deepscaler.inference``,
+``deepscaler.trainer``, ``deepscaler.orchestrator``), talking through HTTP and the run
+directory; here they are local child processes. The launcher only supervises:
+
+- each child logs to ``logs/<name>.log`` and runs in its own session, and gets SIGTERM if the
+  launcher dies (``PR_SET_PDEATHSIG``), so nothing is orphaned;
+- the death of any child, or Ctrl-C, stops all the others (SIGTERM, then SIGKILL), and the
+  error names the child and shows its log tail;
+- the stage is done when the trainer and the orchestrator have exited 0; the servers are
+  then stopped.
+
+Progress comes from ``metrics.jsonl``: a live table on a terminal, plain lines otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from deepscaler.config import Config, server_names, to_yaml
+from deepscaler.stage import resolve_resume
+from deepscaler.store import RunStore, atomic_write_text
+
+TOKEN_ENV = "DEEPSCALER_SERVER_TOKEN"
+STOP_GRACE_S = 15.0
+LOG_TAIL_LINES = 20
+
+
+class LaunchError(RuntimeError):
+    """A stage's process failed. The first line names it; its log tail follows."""
+
+
+def trainer_ranks(cfg: Config) -> int:
+    tr = cfg.slurm.trainer
+    return max(1, tr.nodes * tr.gpus_per_node)
+
+
+def stage_commands(cfg: Config, run_yaml: Path, resume: str | None) -> dict[str, list[str]]:
+    """name -> argv of every process of the stage on this machine (servers first)."""
+    py = sys.executable
+    resume_args = ["--resume-step", resume] if resume is not None else []
+    commands = {name: [py, "-m", "deepscaler.inference", "--config", str(run_yaml), "--name", name]
+                for name in server_names(cfg)}
+    ranks = trainer_ranks(cfg)
+    launcher = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [py]
+    commands["trainer"] = [*launcher, "-m", "deepscaler.trainer", "--config", str(run_yaml), *resume_args]
+    commands["orchestrator"] = [py, "-m", "deepscaler.orchestrator", "--config", str(run_yaml), *resume_args]
+    return commands
+
+
+def write_run_yaml(cfg: Config, store: RunStore) -> Path:
+    """The resolved config every process of the stage reads (rewritten by each submit)."""
+    store.ensure_dirs()
+    return atomic_write_text(store.run_yaml, to_yaml(cfg))
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the launcher dies (Linux), and a session of
+    one's own so the launcher can signal the child's whole process group."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+        except FileNotFoundError:
+            return f"(no log at {self.log})"
+        return f"--- last {len(text)} lines of {self.log} ---\n" + "\n".join(text)
+
+
+def start(name: str, argv: list[str], store: RunStore, env: dict[str, str]) -> Child:
+    log = store.logs_dir / f"{name}.log"
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
+        f.flush()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent)
+    return Child(name, proc, log)
+
+
+def stop(children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every live child's process group, then SIGKILL what is left after ``grace_s``."""
+    live = [c for c in children if c.proc.poll() is None]
+    for c in live:
+        _signal_group(c.proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for c in live:
+        try:
+            c.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for c in children:  # the group too: a child's own children may outlive it
+        _signal_group(c.proc, signal.SIGKILL)
+        c.proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_stage(cfg: Config, resume: str | None = None, *,
+              commands: Callable[[Config, Path, str | None], dict[str, list[str]]] = stage_commands,
+              extra_env: dict[str, str] | None = None, event: dict | None = None, display=None) -> RunStore:
+    """Run one stage to its end; raises LaunchError if a process fails.
+
+    ``commands`` gives the processes to start: on this machine by default, as ``srun`` job
+    steps inside a Slurm job (``deepscaler.slurm.job_commands``). ``event`` is recorded in
+    metrics.jsonl as this attempt's start (job id, restart count).
+    """
+    from deepscaler.progress import Display, MetricsTail
+
+    store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
+    resolve_resume(store, resume)  # a bad --resume-step fails here, before anything starts
+    run_yaml = write_run_yaml(cfg, store)
+    env = {**os.environ, **(extra_env or {}), TOKEN_ENV: secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
+    metrics = MetricsTail.from_end(store)
+    store.append_metrics({"source": "launcher", "event": "attempt", "resume": resume, **(event or {})})
+    display = display or Display(cfg)
+    children: list[Child] = []
+    try:
+        for name, argv in commands(cfg, run_yaml, resume).items():
+            children.append(start(name, argv, store, env))
+        workers = [c for c in children if c.name in ("trainer", "orchestrator")]
+        with display:
+            while True:
+                display.update(metrics.poll())
+                failed = [c for c in children if c.proc.poll() not in (None, 0)]
+                early = [c for c in children if c not in workers and c.proc.poll() is not None]
+                if failed or early:
+                    c = (failed or early)[0]
+                    raise LaunchError(f"{c.name} exited with code {c.proc.returncode} "
+                                      f"(stage {cfg.run.stage} of run '{cfg.run.name}')\n{c.tail()}")
+                if all(c.proc.poll() == 0 for c in workers):
+                    break
+                time.sleep(0.5)
+            display.update(metrics.poll())
+    finally:
+        stop(children)
+    return store

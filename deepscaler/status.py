@@ -1,0 +1,151 @@
+"""``python -m deepscaler.status``: the run's Slurm jobs beside its training progress.
+
+    python -m deepscaler.status [--output-dir outputs] [--run NAME] [--watch [SECONDS]]
+
+Jobs come from the ids recorded in each stage's ``metrics.jsonl`` at submit time, read with
+``sacct`` (state, elapsed, nodes) and ``squeue`` (the pending reason); progress comes from the
+same file (step, reward, length, truncation) and the newest stable weights step. Works on a
+login node, in a job and without a terminal (plain text, reprinted every ``--watch`` seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deepscaler.progress import step_rows
+from deepscaler.store import RunStore
+
+JOB_FIELDS = ("JobID", "JobName", "State", "Elapsed", "NNodes", "NodeList")
+
+
+def find_stages(output_dir: Path, run: str | None) -> list[RunStore]:
+    """Every ``<run>/stage<K>`` with a run.yaml under ``output_dir`` (one run, or all)."""
+    stores = []
+    for run_yaml in sorted(Path(output_dir).glob(f"{run or '*'}/stage*/run.yaml")):
+        stage_dir = run_yaml.parent
+        try:
+            stores.append(RunStore(output_dir, stage_dir.parent.name, int(stage_dir.name.removeprefix("stage"))))
+        except ValueError:
+            continue
+    return stores
+
+
+def job_ids(store: RunStore) -> list[str]:
+    """Slurm job ids submitted for this stage, oldest first."""
+    ids = []
+    for r in store.read_metrics().records:
+        jid = r.get("slurm_job_id")
+        if r.get("event") == "submitted" and jid and str(jid) not in ids:
+            ids.append(str(jid))
+    return ids
+
+
+def slurm_jobs(ids: list[str]) -> dict[str, dict]:
+    """{job id: {State, Elapsed, NNodes, NodeList, Reason}} from sacct and squeue ({} without Slurm)."""
+    if not ids or shutil.which("sacct") is None:
+        return {}
+    from deepscaler.slurm import HetInfoWatcher
+
+    out = subprocess.run(["sacct", "-P", "-o", ",".join(JOB_FIELDS), *[a for i in ids for a in ("-j", i)]],
+                         capture_output=True, text=True)
+    info = HetInfoWatcher().read_info(out.stdout) if out.returncode == 0 else {}
+    jobs = {i: dict(info.get(i, {"State": "UNKNOWN"})) for i in ids}
+    if shutil.which("squeue"):
+        q = subprocess.run(["squeue", "-h", "-o", "%A|%r", "-j", ",".join(ids)], capture_output=True, text=True)
+        for row in q.stdout.splitlines():
+            jid, _, reason = row.partition("|")
+            for i in ids:
+                if jid.split("+")[0] == i and reason and reason != "None":
+                    jobs[i]["Reason"] = reason
+    return jobs
+
+
+def stage_summary(store: RunStore) -> dict:
+    """Progress of one stage: steps done, latest figures, the newest weights, an ETA."""
+    from deepscaler.config import load_config
+
+    rows = [r for r in step_rows(store.read_metrics().records) if "reward_mean" in r]
+    try:
+        max_steps = load_config(store.run_yaml).run.max_steps
+    except Exception:  # a status view must not fail on one bad stage
+        max_steps = None
+    recent = rows[-10:]
+    times = [r["time_step_s"] for r in recent if r.get("time_step_s")]
+    done = len(rows)
+    eta = (max_steps - done) * sum(times) / len(times) if max_steps and times and done < max_steps else None
+    last = rows[-1] if rows else {}
+    return {
+        "stage": store.stage, "steps": done, "max_steps": max_steps,
+        "reward": sum(r["reward_mean"] for r in recent) / len(recent) if recent else None,
+        "length": last.get("response_length_mean"), "truncation": last.get("truncation_rate"),
+        "weights": store.latest_stable("weights"), "checkpoint": store.latest_stable("checkpoints"), "eta_s": eta,
+    }
+
+
+def _fmt(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    h, m = divmod(int(seconds) // 60, 60)
+    return f"{h}h{m:02d}m"
+
+
+def render(stores: list[RunStore]):
+    from rich.console import Group
+    from rich.table import Table
+
+    progress = Table(title="training progress", title_justify="left")
+    for col in ("run", "stage", "steps", "reward (last 10)", "length", "truncated", "weights", "checkpoint", "ETA"):
+        progress.add_column(col, justify="right")
+    jobs = Table(title="slurm jobs", title_justify="left")
+    for col in ("run", "stage", "job", "state", "elapsed", "nodes", "reason"):
+        jobs.add_column(col, justify="right")
+    for store in stores:
+        s = stage_summary(store)
+        steps = f"{s['steps']}/{s['max_steps']}" if s["max_steps"] else str(s["steps"])
+        progress.add_row(store.run, str(store.stage), steps, _fmt(s["reward"], "{:.3f}"), _fmt(s["length"], "{:.0f}"),
+                         _fmt(s["truncation"], "{:.1%}"), _fmt(s["weights"], "{}"), _fmt(s["checkpoint"], "{}"),
+                         _duration(s["eta_s"]))
+        for jid, job in slurm_jobs(job_ids(store)).items():
+            jobs.add_row(store.run, str(store.stage), jid, job.get("State", "?"), job.get("Elapsed", "-"),
+                         job.get("NodeList") or "-", job.get("Reason", ""))
+    return Group(progress, jobs) if jobs.row_count else progress
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deepscaler.status", description=__doc__.split("\n\n")[0])
+    p.add_argument("--output-dir", default="outputs", help="where runs are written (run.output_dir)")
+    p.add_argument("--run", help="one run name (default: every run in the output dir)")
+    p.add_argument("--watch", nargs="?", const=30.0, type=float, metavar="SECONDS", help="refresh every N s (30)")
+    args = p.parse_args(argv)
+    from rich.console import Console
+
+    console = Console()
+    while True:
+        stores = find_stages(Path(args.output_dir), args.run)
+        if not stores:
+            print(f"error: no run in {args.output_dir}" + (f" named '{args.run}'" if args.run else "")
+                  + " (a stage directory holds run.yaml once submitted)", file=sys.stderr)
+            return 2
+        if args.watch and console.is_terminal:
+            console.clear()
+        console.print(render(stores))
+        if not args.watch:
+            return 0
+        print(time.strftime("updated %H:%M:%S"), flush=True)
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

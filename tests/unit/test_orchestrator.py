@@ -1,0 +1,73 @@
+"""The orchestrator's pure pieces: the seeded data order, step statistics, progress rows."""
+
+from __future__ import annotations
+
+import torch
+
+from deepscaler.inference.client import Sample
+from deepscaler.orchestrator import next_batch, permutation, step_stats
+from deepscaler.progress import line, step_rows
+
+
+def test_permutation_is_seeded_and_changes_every_epoch() -> None:
+    assert permutation(50, seed=1, epoch=0) == permutation(50, seed=1, epoch=0)
+    assert sorted(permutation(50, seed=1, epoch=0)) == list(range(50))
+    assert permutation(50, seed=1, epoch=0) != permutation(50, seed=1, epoch=1)
+    assert permutation(50, seed=1, epoch=0) != permutation(50, seed=2, epoch=0)
+
+
+def test_batches_cover_an_epoch_without_repeats_and_cross_into_the_next() -> None:
+    progress = {"seed": 3, "epoch": 0, "cursor": 0}
+    seen = []
+    for _ in range(3):  # 3 x 4 = 12 of 10 problems: the third batch crosses the epoch boundary
+        batch, progress = next_batch(10, 4, progress)
+        assert len(batch) == 4
+        seen += batch
+    assert sorted(seen[:10]) == list(range(10))
+    assert seen[10:] == permutation(10, 3, 1)[:2]
+    assert progress == {"seed": 3, "epoch": 1, "cursor": 2}
+
+
+def test_resuming_from_saved_progress_continues_the_same_order() -> None:
+    """A restart resumes from the progress saved in a rollout: same problems as no restart."""
+    straight, p = [], {"seed": 0, "epoch": 0, "cursor": 0}
+    for _ in range(5):
+        batch, p = next_batch(7, 3, p)
+        straight.append(batch)
+    resumed, p = [], {"seed": 0, "epoch": 0, "cursor": 0}
+    for i in range(5):
+        if i == 2:
+            p = dict(p)  # as read back from JSON
+        batch, p = next_batch(7, 3, p)
+        resumed.append(batch)
+    assert resumed == straight
+
+
+def sample(n_tokens: int, truncated: bool = False) -> Sample:
+    return Sample(list(range(n_tokens)), [0.0] * n_tokens, "length" if truncated else "stop", truncated)
+
+
+def test_step_stats_by_hand() -> None:
+    # 3 groups of 2: all solved, none solved, mixed.
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    samples = [sample(4), sample(6), sample(10, True), sample(2), sample(8), sample(6)]
+    stats = step_stats(rewards, 2, samples)
+    assert stats["reward_mean"] == 0.5
+    assert abs(stats["solve_all"] - 1 / 3) < 1e-6 and abs(stats["solve_none"] - 1 / 3) < 1e-6
+    assert stats["response_length_mean"] == 6.0 and stats["response_length_max"] == 10
+    assert abs(stats["truncation_rate"] - 1 / 6) < 1e-9
+
+
+def test_progress_rows_join_rollouts_with_the_update_they_fed() -> None:
+    records = [
+        {"source": "trainer", "event": "start", "step": 0},
+        {"source": "orchestrator", "step": 0, "reward_mean": 0.25, "time_step_s": 2.0},
+        {"source": "trainer", "step": 1, "pg_loss": 0.1, "kl": 0.0, "entropy": 1.0, "time_step_s": 3.0},
+        {"source": "orchestrator", "step": 1, "reward_mean": 0.5, "time_step_s": 1.0},
+        {"source": "orchestrator", "step": 1, "reward_mean": 0.75, "time_step_s": 1.0},  # after a restart
+    ]
+    rows = step_rows(records)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert rows[0]["reward_mean"] == 0.25 and rows[0]["pg_loss"] == 0.1 and rows[0]["time_step_s"] == 3.0
+    assert rows[1]["reward_mean"] == 0.75 and "pg_loss" not in rows[1]
+    assert "reward 0.250" in line(rows[0]) and "loss -" in line(rows[1])

@@ -1,0 +1,125 @@
+"""The sbatch script of a stage, as text (no cluster needed), and the hetjob state folding."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deepscaler.config import load_config, server_names
+from deepscaler.slurm import HetInfoWatcher, combine_states, job_commands, render_script
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(*overrides: str):
+    return load_config([REPO / "yaml/stage2.yaml"], list(overrides))
+
+
+def sbatch_lines(script: str) -> list[list[str]]:
+    """The #SBATCH lines of each hetjob component."""
+    blocks: list[list[str]] = [[]]
+    for line in script.splitlines():
+        if line == "#SBATCH hetjob":
+            blocks.append([])
+        elif line.startswith("#SBATCH "):
+            blocks[-1].append(line[len("#SBATCH "):])
+    return blocks
+
+
+def test_every_resource_becomes_the_right_sbatch_line() -> None:
+    cfg = config("slurm.partition=gpu", "slurm.account=proj", "slurm.qos=high", "slurm.constraint=a100",
+                 "slurm.time=1-12:00:00", "slurm.inference.mem=200G", "slurm.trainer.cpus_per_gpu=6",
+                 "inference.tensor_parallel=2", "slurm.extra_sbatch=[--exclusive]", "run.name=exp1")
+    script = render_script(cfg, Path("/shared/runs/logs"), "python -u -m submitit.core._submit /x", "afterok:41")
+    inference, trainer = sbatch_lines(script)
+    for line in ("--job-name=deepscaler-exp1-s2", "--dependency=afterok:41", "--requeue", "--exclusive",
+                 "--signal=B:USR2@300", "--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=4", "--cpus-per-task=16",
+                 "--mem=200G", "--partition=gpu", "--account=proj", "--qos=high", "--constraint=a100",
+                 "--time=1-12:00:00"):
+        assert line in inference, line
+    for line in ("--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=6", "--partition=gpu",
+                 "--account=proj", "--time=1-12:00:00"):
+        assert line in trainer, line
+    assert "--mem=200G" not in trainer and not any(x.startswith("--job-name") for x in trainer)
+    assert len(server_names(cfg)) == 8  # 2 nodes x 8 GPUs / TP 2
+    assert script.rstrip().endswith("exec python -u -m submitit.core._submit /x")
+
+
+def test_paths_and_user_values_are_quoted() -> None:
+    weird = "/tmp/my runs/it's \"here\"; rm -rf ~"
+    cfg = config(f"run.output_dir={weird}", "slurm.partition=gpu; touch /tmp/pwned", "slurm.setup=[module load cuda/12.4]")
+    script = render_script(cfg, Path(weird) / "logs", "cmd")
+    out = next(line for line in script.splitlines() if line.startswith("#SBATCH --output="))
+    assert out == "#SBATCH --output='/tmp/my runs/it'\"'\"'s \"here\"; rm -rf ~/logs/%j_0_log.out'"
+    assert "#SBATCH --partition='gpu; touch /tmp/pwned'" in script
+    assert "module load cuda/12.4" in script.splitlines()  # set-up lines are the user's shell, verbatim
+    # The script is valid shell: bash parses it, and the quoted values stay single words.
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_job_steps_place_servers_trainer_and_orchestrator() -> None:
+    cfg = config("inference.tensor_parallel=2")
+    steps = job_commands(cfg, Path("/r/run.yaml"), "latest")
+    assert steps["servers"][:8] == ["srun", "--unbuffered", "--kill-on-bad-exit=1", "--het-group=0", "--nodes=2",
+                                    "--ntasks=8", "--gpus-per-task=2", sys.executable]
+    assert steps["servers"][-2:] == ["--name", "server{rank}"]
+    assert "--het-group=1" in steps["trainer"] and "--ntasks-per-node=8" in steps["trainer"]
+    assert steps["trainer"][-2:] == ["--resume-step", "latest"]
+    assert {"--overlap", "--mem=0", "--het-group=1", "--ntasks=1"} <= set(steps["orchestrator"])
+
+
+@pytest.mark.parametrize("states,expected", [
+    (["COMPLETED", "COMPLETED"], "COMPLETED"),
+    (["RUNNING", "COMPLETED"], "RUNNING"),
+    (["PENDING", "PENDING"], "PENDING"),
+    (["FAILED", "RUNNING"], "FAILED"),
+    (["CANCELLED by 0", "COMPLETED"], "CANCELLED"),
+    (["NODE_FAIL", "CANCELLED by 0"], "NODE_FAIL"),
+    (["TIMEOUT", "TIMEOUT"], "TIMEOUT"),
+    (["REQUEUED", "REQUEUED"], "REQUEUED"),
+])
+def test_component_states_fold_into_one(states, expected) -> None:
+    assert combine_states(states) == expected
+
+
+def test_sacct_hetjob_lines_give_the_job_id_a_state() -> None:
+    sacct = ("JobID|State|NodeList\n"
+             "15+0|COMPLETED|node1\n15+0.batch|COMPLETED|node1\n15+0.0|CANCELLED by 0|node1\n"
+             "15+1|FAILED|node2\n15+1.1|FAILED|node2\n16|PENDING|None assigned\n")
+    info = HetInfoWatcher().read_info(sacct)
+    assert info["15"]["State"] == "FAILED" and info["15"]["NodeList"] == "node1,node2"
+    assert info["16"]["State"] == "PENDING"
+
+
+def run_submit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deepscaler.submit", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(tmp_path: Path) -> None:
+    out = run_submit("--stages", "1,2", "--preset", "tiny", "--executor", "slurm", "--dry-run", "--output-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("#SBATCH hetjob") == 2
+    assert "--dependency='afterok:<job of stage 1>'" in out.stdout
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_missing_sbatch_without_local_executor_is_a_one_line_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, but no sbatch
+    out = run_submit("--stage", "1", "--preset", "tiny", "--executor", "slurm", "--output-dir", str(tmp_path), env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("error: sbatch is not on PATH: run this on a Slurm login node, "
+                                  "or pass --executor local")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("slurm.time=2 days", "key 'slurm.time' '2 days' is not a Slurm time"),
+    ("slurm.trainer.gpus_per_node=16", "key 'slurm.trainer.gpus_per_node' (16) is more than a node has"),
+])
+def test_bad_resources_fail_before_sbatch(tmp_path: Path, override: str, message: str) -> None:
+    out = run_submit("--stage", "1", "--executor", "slurm", "--output-dir", str(tmp_path), override)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
