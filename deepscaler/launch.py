@@ -132,10 +132,19 @@ def run_stage(cfg: Config, resume: str | None = None, *,
     """
     from deepscaler.progress import Display, MetricsTail
 
+    from deepscaler.prefetch import require_cache
+
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     resolve_resume(store, resume)  # a bad --resume-step fails here, before anything starts
+    require_cache(cfg)  # so does a Hub cache that lost a file since submit (CacheError)
     run_yaml = write_run_yaml(cfg, store)
+    torn = store.repair_metrics()  # no process of the stage runs yet: this one may truncate
+    if torn:
+        print(f"warning: {store.metrics_path} ended in a torn line ({torn} bytes, a crash mid-write); removed",
+              file=sys.stderr, flush=True)
     env = {**os.environ, **(extra_env or {}), TOKEN_ENV: secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
+    if cfg.run.hub_offline:
+        env["HF_HUB_OFFLINE"] = "1"
     metrics = MetricsTail.from_end(store)
     store.append_metrics({"source": "launcher", "event": "attempt", "resume": resume, **(event or {})})
     display = display or Display(cfg)

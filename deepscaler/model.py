@@ -15,12 +15,17 @@ DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 def model_source(cfg: Config) -> str:
-    """A path or Hub id that ``from_pretrained`` (and vLLM) can load for ``cfg.model``."""
+    """A path that ``from_pretrained`` (and vLLM) can load for ``cfg.model``. A Hub id becomes
+    its snapshot folder in ``cache_dir(cfg)`` (prefetched: ``deepscaler/prefetch.py``), so every
+    process reads the same files; a missing file is a one-line CacheError naming it."""
     if cfg.model.name == "tiny":
         from deepscaler.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(cache_dir(cfg), cfg.model.tiny, seed=cfg.run.seed))
-    return cfg.model.name
+    from deepscaler.prefetch import hub_model, model_snapshot
+
+    repo = hub_model(cfg)
+    return cfg.model.name if repo is None else str(model_snapshot(cfg, repo))
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -39,4 +44,6 @@ def load_causal_lm(source: str, dtype: str, revision: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=getattr(torch, DTYPES[dtype]))
+    # use_safetensors: never unpickle a *.bin from the shared filesystem.
+    return AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=getattr(torch, DTYPES[dtype]),
+                                                use_safetensors=True)

@@ -22,9 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from deepscaler.config import Config, ConfigError, load_config, server_names
+from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args, server_names
 from deepscaler.data import DataError, build_prompts, load_problems
-from deepscaler.inference.client import InferenceClient, Sample, ServerError, sync_weights, wait_for_servers
+from deepscaler.inference.client import (
+    InferenceClient,
+    Sample,
+    ServerError,
+    log_tail,
+    sync_weights,
+    wait_for_servers,
+)
 from deepscaler.model import cache_dir, load_tokenizer, model_source
 from deepscaler.reward import BatchScorer
 from deepscaler.rollouts import Rollout, read_rollout, write_rollout
@@ -87,10 +94,7 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
             batch = [prompts[i] for i in indices]
             seed = cfg.run.seed * 1_000_003 + step
             sampled = sample(clients, pool, [ids for _, _, ids in batch], group, cfg, seed)
-            for name, served, _ in sampled:
-                if served < required:
-                    raise StaleWeightsError(f"server {name} sampled step {step} with weights step {served}, "
-                                            f"older than allowed ({required} = step - orchestrator.async_level)")
+            check_fresh(sampled, step, required)
             samples = [s for _, _, group_samples in sampled for s in group_samples]
             t_sample = time.perf_counter() - t0 - t_weights
 
@@ -201,6 +205,15 @@ def sample(clients: dict[str, InferenceClient], pool, prompts: list[list[int]], 
     return out
 
 
+def check_fresh(sampled: list[tuple[str, int, list[Sample]]], step: int, required: int) -> None:
+    """Refuse completions from weights older than the async limit allows (a server that
+    missed an update, or reports a stale step): they would train on the wrong policy."""
+    for name, served, _ in sampled:
+        if served < required:
+            raise StaleWeightsError(f"server {name} sampled step {step} with weights step {served}, older than "
+                                    f"allowed ({required} = step - orchestrator.async_level)", server=name)
+
+
 def drop_consumed_rollouts(store: RunStore) -> None:
     """Rollouts older than the newest checkpoint are never read again (a restart resumes from
     that checkpoint): delete them, they are the run's largest files."""
@@ -257,13 +270,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, nargs="+", help="run.yaml, or config files")
     parser.add_argument("--resume-step", help="the checkpoint the trainer resumes from, or 'latest'")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestrator %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: no orphan workers
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config_args(args.config, args.overrides)
+        apply_process_settings(cfg)
         orchestrate(cfg, args.resume_step)
-    except (ConfigError, StoreError, DataError, ServerError) as e:
+    except ServerError as e:  # the server's own log says why it failed, hung or lagged; the error line last
+        if e.server:
+            print(log_tail(RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage), e.server, lines=12),
+                  file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, StoreError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

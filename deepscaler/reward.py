@@ -35,7 +35,6 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.connection
-import numbers
 import os
 import re
 import threading
@@ -47,6 +46,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Sequence
 
 from math_verify import parse, verify
+
+from deepscaler.data import normalize_answers
 
 log = logging.getLogger("deepscaler.reward")
 
@@ -151,40 +152,21 @@ def extract_answer(response: Any) -> str | None:
     return last_boxed(after)
 
 
-def _float_text(x: float) -> str | None:
-    """142.0 -> "142", 0.5 -> "0.5", 1e-07 -> "0.0000001"; NaN/inf -> None."""
-    if not math.isfinite(x):
-        return None
-    if x.is_integer():
-        return str(int(x))
-    text = repr(x)
-    return format(Decimal(text), "f") if "e" in text else text
-
-
 def gold_answers(ground_truth: Any) -> tuple[str, ...]:
     """Every accepted form of a ground truth as non-empty strings; () when there is none.
 
-    Why: the data files store answers as str, float (AMC), or a list of alternative forms;
-    DeepScaleR accepts a match with any of them, and unboxes a gold that holds ``\\boxed{}``.
+    Why: the data files store answers as str, float (AMC), or a list of alternative forms
+    (``deepscaler.data.normalize_answers`` reads all of them); DeepScaleR accepts a match with
+    any of them, and unboxes a gold that holds ``\\boxed{}``.
     """
-    if ground_truth is None or isinstance(ground_truth, bool):
-        return ()
-    if isinstance(ground_truth, str):
-        text = repair_escapes(ground_truth).strip()
+    forms: list[str] = []
+    for text in normalize_answers(ground_truth):
+        text = repair_escapes(text).strip()
         if "\\boxed" in text or "\\fbox" in text:
             text = last_boxed(text) or ""
-        return (text,) if text else ()
-    if isinstance(ground_truth, numbers.Integral):  # int, numpy integers
-        return (str(int(ground_truth)),)
-    if isinstance(ground_truth, numbers.Real):  # float, numpy floats
-        text = _float_text(float(ground_truth))
-        return (text,) if text else ()
-    if isinstance(ground_truth, (list, tuple)):
-        forms: list[str] = []
-        for item in ground_truth:
-            forms += [f for f in gold_answers(item) if f not in forms]
-        return tuple(forms)
-    return ()
+        if text and text not in forms:
+            forms.append(text)
+    return tuple(forms)
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -455,6 +437,17 @@ def _stop_all(workers: list[_Worker]) -> None:
             pass
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, and no more than Slurm allocated to the
+    task (``SLURM_CPUS_PER_TASK``; without cgroups Slurm does not shrink the mask)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, min(cpus, int(slurm)) if slurm.isdigit() else cpus)
+
+
 class BatchScorer:
     """Scores many (response, ground_truth) pairs in long-lived worker processes.
 
@@ -482,7 +475,7 @@ class BatchScorer:
     ) -> None:
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
-        self.num_workers = int(workers) if workers else (os.cpu_count() or 1)
+        self.num_workers = int(workers) if workers else usable_cpus()
         if self.num_workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.deadline_s = float(deadline_s)

@@ -19,6 +19,8 @@ trainer ranks rendezvous at the first node of component 1 (``MASTER_ADDR``/``MAS
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import sys
@@ -30,7 +32,8 @@ from typing import Iterable
 import submitit
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
-from deepscaler.config import ComponentResources, Config, load_config, server_names, time_minutes
+from deepscaler.config import (ComponentResources, Config, apply_process_settings, load_config, server_names,
+                               time_minutes)
 
 # sacct states, most telling first: a failed component fails the job, a running one keeps it alive.
 _FAILED = ("NODE_FAIL", "OUT_OF_MEMORY", "FAILED", "TIMEOUT", "CANCELLED", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
@@ -111,12 +114,14 @@ def _component_lines(cfg: Config, component: str) -> list[str]:
     return lines
 
 
-def render_script(cfg: Config, folder: Path, command: str, dependency: str | None = None) -> str:
-    """The sbatch script of one stage (also what ``--dry-run`` prints)."""
+def render_script(cfg: Config, folder: Path, command: str, dependency: str | None = None,
+                  components: tuple[str, ...] = ("inference", "trainer"), name: str | None = None) -> str:
+    """The sbatch script of one stage (also what ``--dry-run`` prints): one ``#SBATCH hetjob``
+    block per component, or a single component for the two jobs of ``slurm.hetjob: false``."""
     s = cfg.slurm
     out = Path(folder)
     head = [
-        f"--job-name={_quote(job_name(cfg))}",
+        f"--job-name={_quote(name or job_name(cfg))}",
         f"--output={_quote(out / '%j_0_log.out')}",
         f"--error={_quote(out / '%j_0_log.err')}",
         "--open-mode=append",
@@ -128,12 +133,13 @@ def render_script(cfg: Config, folder: Path, command: str, dependency: str | Non
     if dependency:
         head.append(f"--dependency={_quote(dependency)}")
     head += [line.strip() for line in s.extra_sbatch]
-    lines = ["#!/bin/bash",
-             f"# {job_name(cfg)}: component 0 = {len(server_names(cfg))} inference server(s), "
-             f"component 1 = trainer + orchestrator"]
-    lines += [f"#SBATCH {x}" for x in head + _component_lines(cfg, "inference")]
-    lines += ["#SBATCH hetjob"]
-    lines += [f"#SBATCH {x}" for x in _component_lines(cfg, "trainer")]
+    what = {"inference": f"{len(server_names(cfg))} inference server(s)", "trainer": "trainer + orchestrator"}
+    lines = ["#!/bin/bash", f"# {name or job_name(cfg)}: " + ", ".join(
+        f"component {i} = {what[c]}" for i, c in enumerate(components))]
+    for i, component in enumerate(components):
+        if i:
+            lines.append("#SBATCH hetjob")
+        lines += [f"#SBATCH {x}" for x in (head if i == 0 else []) + _component_lines(cfg, component)]
     lines += ["", "# environment set-up (slurm.setup)"] + list(s.setup)
     lines += ["", "export SUBMITIT_EXECUTOR=slurm", f"exec {command}", ""]
     return "\n".join(lines)
@@ -144,14 +150,14 @@ class StageExecutor(submitit.SlurmExecutor):
 
     job_class = HetJob
 
-    def __init__(self, folder: Path, cfg: Config, dependency: str | None = None):
+    def __init__(self, folder: Path, cfg: Config, dependency: str | None = None,
+                 components: tuple[str, ...] = ("inference", "trainer"), name: str | None = None):
         super().__init__(folder=folder, max_num_timeout=cfg.slurm.max_requeues)
-        self.cfg = cfg
-        self.dependency = dependency
+        self.cfg, self.dependency, self.components, self.name = cfg, dependency, components, name
         self.parameters["time"] = time_minutes(cfg.slurm.time)  # submitit counts timeouts with it
 
     def _make_submission_file_text(self, command: str, uid: str) -> str:
-        return render_script(self.cfg, self.folder, command, self.dependency)
+        return render_script(self.cfg, self.folder, command, self.dependency, self.components, self.name)
 
     def _num_tasks(self) -> int:
         return 1  # submitit's runner is the supervisor: one task, in the batch shell
@@ -160,26 +166,37 @@ class StageExecutor(submitit.SlurmExecutor):
 # --------------------------------------------------------------------------- inside the job
 
 
-def job_commands(cfg: Config, run_yaml: Path, resume: str | None) -> dict[str, list[str]]:
+def job_steps(cfg: Config, run_yaml: Path, resume: str | None) -> dict[str, list[str]]:
     """The stage's processes as job steps: one step runs every server of component 0 (each
     task names itself ``server<SLURM_PROCID>`` and gets its own GPUs), one runs the trainer
     ranks of component 1, and the orchestrator shares the trainer's first node (``--overlap``;
-    ``--mem=0`` because the trainer step holds the node's memory)."""
+    ``--mem=0`` because the trainer step holds the node's memory). Without hetjobs the servers
+    are a job of their own (:class:`ServersJob`) and the other steps need no ``--het-group``."""
     inf, tr = cfg.slurm.inference, cfg.slurm.trainer
     py, config = sys.executable, ["--config", str(run_yaml)]
     resume_args = ["--resume-step", resume] if resume is not None else []
     step = ["srun", "--unbuffered", "--kill-on-bad-exit=1"]
+    group = (lambda k: [f"--het-group={k}"]) if cfg.slurm.hetjob else (lambda k: [])
     server_gpus = [f"--gpus-per-task={cfg.inference.tensor_parallel}"] if inf.gpus_per_node else []
     trainer_gpus = ["--gpus-per-task=1"] if tr.gpus_per_node else []
-    return {
-        "servers": [*step, "--het-group=0", f"--nodes={inf.nodes}", f"--ntasks={len(server_names(cfg))}",
+    commands = {
+        "servers": [*step, *group(0), f"--nodes={inf.nodes}", f"--ntasks={len(server_names(cfg))}",
                     *server_gpus, py, "-m", "deepscaler.inference", *config, "--name", "server{rank}"],
-        "trainer": [*step, "--het-group=1", f"--nodes={tr.nodes}",
-                    f"--ntasks-per-node={component_tasks(cfg, 'trainer')}", *trainer_gpus,
-                    py, "-m", "deepscaler.trainer", *config, *resume_args],
-        "orchestrator": [*step, "--het-group=1", "--nodes=1", "--ntasks=1", "--overlap", "--mem=0",
+        "trainer": [*step, *group(1), f"--nodes={tr.nodes}", f"--ntasks-per-node={component_tasks(cfg, 'trainer')}",
+                    *trainer_gpus, py, "-m", "deepscaler.trainer", *config, *resume_args],
+        "orchestrator": [*step, *group(1), "--nodes=1", "--ntasks=1", "--overlap", "--mem=0",
                          py, "-m", "deepscaler.orchestrator", *config, *resume_args],
     }
+    return commands
+
+
+def job_commands(cfg: Config, run_yaml: Path, resume: str | None) -> dict[str, list[str]]:
+    """What the stage's supervisor starts: every step, less the servers when they are a job of
+    their own (``slurm.hetjob: false``)."""
+    steps = job_steps(cfg, run_yaml, resume)
+    if not cfg.slurm.hetjob:
+        del steps["servers"]
+    return steps
 
 
 def first_node_address(nodelist: str) -> str:
@@ -200,26 +217,43 @@ class StageJob(submitit.helpers.Checkpointable):
     calls :meth:`checkpoint` and requeues; the next attempt resumes from the newest stable
     checkpoint, as does an attempt that Slurm requeued by itself (node failure)."""
 
-    def __init__(self, run_yaml: str, resume: str | None = None):
+    def __init__(self, run_yaml: str, resume: str | None = None, servers_job: str | None = None):
         self.run_yaml = str(run_yaml)
         self.resume = resume
+        self.servers_job = servers_job  # slurm.hetjob false: the job that runs the servers
 
     def __call__(self) -> str:
         from deepscaler.launch import run_stage
 
         cfg = load_config(self.run_yaml)
+        apply_process_settings(cfg)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         resume = "latest" if restarts else self.resume
         nodes = os.environ.get("SLURM_JOB_NODELIST_HET_GROUP_1") or os.environ.get("SLURM_JOB_NODELIST", "")
         job_id = os.environ.get("SLURM_JOB_ID", "0")
         env = {"MASTER_ADDR": first_node_address(nodes) if nodes else "127.0.0.1",
                "MASTER_PORT": str(20000 + int(job_id) % 20000)}
+        print(f"attempt {restarts + 1} of job {job_id}: resume {resume or 'no (fresh start)'}", flush=True)
         store = run_stage(cfg, resume, commands=job_commands, extra_env=env,
                           event={"slurm_job_id": job_id, "restart_count": restarts})
+        if self.servers_job:  # the stage is done: its servers' job ends with it
+            subprocess.run(["scancel", self.servers_job], check=False)
         return str(store.root)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(StageJob(self.run_yaml, "latest"))
+        return submitit.helpers.DelayedSubmission(StageJob(self.run_yaml, "latest", self.servers_job))
+
+
+class ServersJob(submitit.helpers.Checkpointable):
+    """The inference servers as a job of their own (``slurm.hetjob: false``): one srun step
+    serving until the stage's main job cancels this one. Requeued like the main job."""
+
+    def __init__(self, run_yaml: str):
+        self.run_yaml = str(run_yaml)
+
+    def __call__(self) -> int:
+        argv = job_steps(load_config(self.run_yaml), Path(self.run_yaml), None)["servers"]
+        return subprocess.run(argv, check=False).returncode
 
 
 # --------------------------------------------------------------------------- the login node
@@ -239,9 +273,14 @@ def _runner_command(folder: Path) -> str:
 
 
 def dry_run_script(cfg: Config, dependency: str | None = None) -> str:
-    """The script a submit would hand to sbatch (``--dry-run``)."""
+    """The script(s) a submit would hand to sbatch (``--dry-run``)."""
     folder = job_folder(cfg).resolve()
-    return render_script(cfg, folder, _runner_command(folder), dependency)
+    command = _runner_command(folder)
+    if cfg.slurm.hetjob:
+        return render_script(cfg, folder, command, dependency)
+    after = ",".join(x for x in (dependency, "after:<servers job>") if x)
+    return "\n".join([render_script(cfg, folder, command, dependency, ("inference",), f"{job_name(cfg)}-inference"),
+                      render_script(cfg, folder, command, after, ("trainer",))])
 
 
 def submit_stages(configs: list[Config], resume: str | None, wait: bool = False) -> int:
@@ -265,17 +304,29 @@ def submit_stages(configs: list[Config], resume: str | None, wait: bool = False)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    jobs, dependency = [], None
-    with submitit.helpers.clean_env():  # submitting from inside a job must not leak SLURM_* into this one
+    jobs, main_jobs, dependency = [], [], None  # every job (to cancel on error); one main job per stage
+    # clean_env: submitting from inside a job must not leak its SLURM_* into the new one.
+    # redirect_stderr: submitit prints sbatch's stderr itself; it goes into our one-line error.
+    with submitit.helpers.clean_env(), contextlib.redirect_stderr(io.StringIO()):
         for i, (cfg, store) in enumerate(zip(configs, stores)):
-            run_yaml = write_run_yaml(cfg, store)
+            run_yaml = str(write_run_yaml(cfg, store).resolve())
             folder = job_folder(cfg).resolve()
-            executor = StageExecutor(folder, cfg, dependency)
             try:
-                job = executor.submit(StageJob(str(run_yaml.resolve()), resume if i == 0 else None))
+                servers_job = None
+                if not cfg.slurm.hetjob:  # two ordinary jobs: the main one starts once the servers' has
+                    servers_job = StageExecutor(folder, cfg, dependency, ("inference",),
+                                                f"{job_name(cfg)}-inference").submit(ServersJob(run_yaml))
+                    jobs.append(servers_job)
+                    store.append_metrics({"source": "submit", "event": "submitted", "slurm_job_id": servers_job.job_id,
+                                          "job_name": f"{job_name(cfg)}-inference", "dependency": dependency})
+                    dependency = ",".join(x for x in (dependency, f"after:{servers_job.job_id}") if x)
+                components = ("inference", "trainer") if cfg.slurm.hetjob else ("trainer",)
+                job = StageExecutor(folder, cfg, dependency, components).submit(
+                    StageJob(run_yaml, resume if i == 0 else None, servers_job.job_id if servers_job else None))
             except Exception as e:  # submitit's FailedJobError carries sbatch's own message
                 message = " ".join(str(e).split())
-                print(f"error: sbatch refused stage {cfg.run.stage} of run '{cfg.run.name}': {message}", file=sys.stderr)
+                print(f"error: sbatch refused stage {cfg.run.stage} of run '{cfg.run.name}': {message}",
+                      file=sys.__stderr__)
                 for earlier in jobs:
                     earlier.cancel(check=False)
                 return 1
@@ -284,10 +335,11 @@ def submit_stages(configs: list[Config], resume: str | None, wait: bool = False)
             print(f"submitted stage {cfg.run.stage} of run '{cfg.run.name}': job {job.job_id} ({job_name(cfg)})"
                   f"{' after ' + dependency if dependency else ''}; logs in {folder}", flush=True)
             jobs.append(job)
+            main_jobs.append(job)
             dependency = f"afterok:{job.job_id}"
     print("watch with: squeue -u $USER   or   python -m deepscaler.status --output-dir "
           f"{_quote(configs[0].run.output_dir)} --run {_quote(configs[0].run.name)}", flush=True)
-    return wait_for(jobs, configs) if wait else 0
+    return wait_for(main_jobs, configs) if wait else 0
 
 
 def wait_for(jobs: list, configs: list[Config], poll_s: float = 5.0) -> int:

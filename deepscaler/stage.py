@@ -8,8 +8,12 @@ them from the same files, with the same rules, here.
 
 from __future__ import annotations
 
+import logging
+
 from deepscaler.config import Config, ConfigError
-from deepscaler.store import RunStore, StoreError, read_json
+from deepscaler.store import RunStore, StepCorrupt, StoreError, read_json
+
+log = logging.getLogger("deepscaler.stage")
 
 TRAINER_STATE = "trainer_state.json"  # written into checkpoints/step_N by trainer.checkpoint
 
@@ -28,7 +32,15 @@ def resolve_resume(store: RunStore, resume: str | None) -> int | None:
                               f"or choose another run.name")
         return None
     if resume == "latest":
-        return steps[-1] if steps else None
+        # The newest checkpoint whose files still match their manifest: a damaged one (a
+        # truncated file, a partial copy) is skipped, never resumed from.
+        for step in reversed(steps):
+            try:
+                store.verify_step("checkpoints", step)
+                return step
+            except StepCorrupt as e:
+                log.warning("skipping a damaged checkpoint: %s", e)
+        return None
     try:
         step = int(resume)
     except ValueError:

@@ -10,7 +10,8 @@ publish/read rule here means a layout change is one edit, and the crash-safety r
       rollouts/step_N/            orchestrator -> trainer
       weights/step_N/             trainer -> inference / eval (HF folder + probe.json)
       checkpoints/step_N/         full resumable state
-      evals/step_N/<bench>.json   eval results (one atomic file per benchmark)
+      evals/step_N/<bench>.json   eval results (one atomic file per benchmark; evals/base/ for model.name)
+      evals/step_N/PENDING        a sweep will evaluate weights/step_N: retention keeps that step
       metrics.jsonl               one JSON object per line
       logs/                       submitit and server logs
       servers/<name>.addr         "host:port" of each live inference server
@@ -43,6 +44,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 STABLE = "STABLE"
+BASE_EVAL = "base"  # evals/base/: the base model (model.name), which is no weights step
+EVAL_PENDING = "PENDING"  # evals/step_N/PENDING: a sweep will evaluate weights/step_N; retention keeps it
 STEP_KINDS = ("rollouts", "weights", "checkpoints")
 # A lease older than this (no heartbeat) is treated as left behind by a dead process.
 LEASE_TTL_S = 600.0
@@ -75,6 +78,10 @@ class StepCorrupt(StoreError):
 
 class StepTimeout(StoreError, TimeoutError):
     """``wait_for_step`` gave up."""
+
+
+class DiskFull(StoreError, OSError):
+    """No space (or quota) left while publishing; nothing half-written remains."""
 
 
 class CorruptFileError(StoreError, ValueError):
@@ -130,6 +137,21 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(err: OSError, path: Path) -> "StoreError":
+    """A full filesystem (or quota) while writing ``path``, with the free space: one line.
+    The writer's temp files are gone by then; what was published before is untouched."""
+    try:
+        free = f"{shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"{path}: {os.strerror(err.errno).lower()} while writing ({free}); "
+                    f"the previous stable step is intact")
+
+
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
 
@@ -142,6 +164,20 @@ def _fmt_steps(steps: list[int], limit: int = 8) -> str:
         return "[" + ", ".join(map(str, steps)) + "]"
     head, tail = steps[:3], steps[-(limit - 3):]
     return "[" + ", ".join(map(str, head)) + ", ..., " + ", ".join(map(str, tail)) + f"] ({len(steps)} steps)"
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (/proc), else swapped."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _check_step(step: int) -> int:
@@ -192,8 +228,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(err):
+            raise _disk_full(err, path) from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -245,10 +283,13 @@ def save_tensors(
     tmp = _tmp_sibling(path)
     try:
         safetensors.torch.save_file(prepared, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors >= 0.8 creates 0600 files, whatever the umask
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(err):
+            raise _disk_full(err, path) from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -457,9 +498,14 @@ class RunStore:
         return manifest
 
     def wait_for_step(self, kind: str, step: int, timeout_s: float, poll_s: float = 1.0) -> Path:
-        """Block until ``step_N`` is stable (e.g. the orchestrator waiting for weights)."""
+        """Block until ``step_N`` is stable (e.g. the orchestrator waiting for weights).
+
+        Polls every 20 ms at first, backing off to ``poll_s``: a short wait (the trainer
+        handing over within a second) costs no whole second, and a long one costs one
+        ``stat`` per ``poll_s`` on the shared filesystem."""
         path = self.step_path(kind, step)
         start = time.monotonic()
+        interval = min(0.02, poll_s)
         while True:
             if (path / STABLE).is_file():
                 return path
@@ -470,7 +516,8 @@ class RunStore:
                     f"waited {waited:.1f}s for {path}/{STABLE}; newest stable {kind} step: "
                     f"{'none' if latest is None else latest}"
                 )
-            time.sleep(max(0.0, min(poll_s, timeout_s - waited)))
+            time.sleep(max(0.0, min(interval, timeout_s - waited)))
+            interval = min(poll_s, interval * 1.5)
 
     # ---------------------------------------------------------------- writers
 
@@ -505,8 +552,10 @@ class RunStore:
                 os.rename(final, trash)
                 _remove(trash)
             os.rename(tmp, final)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if _is_disk_full(err):
+                raise _disk_full(err, final) from None
             raise
         _fsync_dir(final.parent)
         manifest = {"kind": kind, "step": step, "created_unix": time.time(), "files": dict(sorted(files.items()))}
@@ -658,29 +707,56 @@ class RunStore:
 
     # ---------------------------------------------------------------- evals
 
-    def eval_path(self, step: int, bench: str) -> Path:
-        """``evals/step_N/<bench>.json``. Evals are per-file atomic, not STABLE-marked step dirs,
-        so a preempted eval task keeps the benchmarks it finished."""
-        return self.evals_dir / f"step_{_check_step(step)}" / f"{_safe_name(bench, 'benchmark name')}.json"
+    def eval_dir(self, step: int | str) -> Path:
+        """``evals/step_N`` for a weights step, ``evals/base`` for the base model (``model.name``,
+        which is no published step)."""
+        if step == BASE_EVAL:
+            return self.evals_dir / BASE_EVAL
+        return self.evals_dir / f"step_{_check_step(step)}"
 
-    def write_eval(self, step: int, bench: str, result: Any) -> Path:
+    def eval_path(self, step: int | str, bench: str) -> Path:
+        """``evals/step_N/<bench>.json`` (or ``evals/base/``). Evals are per-file atomic, not
+        STABLE-marked step dirs, so a preempted eval task keeps the benchmarks it finished."""
+        return self.eval_dir(step) / f"{_safe_name(bench, 'benchmark name')}.json"
+
+    def write_eval(self, step: int | str, bench: str, result: Any) -> Path:
         return atomic_write_json(self.eval_path(step, bench), result)
 
-    def read_evals(self) -> dict[int, dict[str, Any]]:
-        """{step: {bench: result}} for every finished eval file (temp files ignored)."""
-        out: dict[int, dict[str, Any]] = {}
+    def read_evals(self) -> dict[int | str, dict[str, Any]]:
+        """{step: {bench: result}} for every finished eval file (temp files ignored); the base
+        model's results, if any, come first under the key ``"base"``."""
+        out: dict[int | str, dict[str, Any]] = {}
         try:
             entries = list(os.scandir(self.evals_dir))
         except FileNotFoundError:
             return out
         for e in entries:
             m = _STEP_RE.match(e.name)
-            if not (m and e.is_dir()):
+            if not ((m or e.name == BASE_EVAL) and e.is_dir()):
                 continue
+            key: int | str = int(m.group(1)) if m else BASE_EVAL
             for f in sorted(Path(e.path).glob("*.json")):
                 if not f.name.startswith("."):
-                    out.setdefault(int(m.group(1)), {})[f.stem] = read_json(f)
-        return dict(sorted(out.items()))
+                    out.setdefault(key, {})[f.stem] = read_json(f)
+        return dict(sorted(out.items(), key=lambda kv: (kv[0] != BASE_EVAL, kv[0] if kv[0] != BASE_EVAL else 0)))
+
+    def mark_eval_pending(self, step: int, benchmarks: Iterable[str]) -> Path:
+        """Ask the trainer's retention to keep ``weights/step_N`` until these benchmarks are
+        evaluated (an eval sweep writes this before it submits; the eval removes it when done)."""
+        return atomic_write_json(self.eval_dir(step) / EVAL_PENDING,
+                                 {"benchmarks": sorted(benchmarks), "created_unix": time.time()})
+
+    def clear_eval_pending(self, step: int) -> None:
+        (self.eval_dir(step) / EVAL_PENDING).unlink(missing_ok=True)
+
+    def pending_evals(self) -> list[int]:
+        """Weights steps an eval sweep still has to evaluate: ``protected`` for retention."""
+        try:
+            entries = list(os.scandir(self.evals_dir))
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for e in entries
+                      if (m := _STEP_RE.match(e.name)) and os.path.isfile(os.path.join(e.path, EVAL_PENDING)))
 
     # ---------------------------------------------------------------- servers
 

@@ -14,7 +14,7 @@ import argparse
 import shutil
 import sys
 
-from deepscaler.config import Config, ConfigError, stage_config, to_yaml
+from deepscaler.config import Config, ConfigError, apply_process_settings, stage_config, to_yaml
 from deepscaler.data import DataError
 from deepscaler.store import RunStore, StoreError
 
@@ -37,6 +37,8 @@ def resolve(args: argparse.Namespace) -> list[Config]:
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.max_steps is not None:
         overrides.append(f"run.max_steps={args.max_steps}")
+    if args.no_hetjob:
+        overrides.append("slurm.hetjob=false")
     return [stage_config(k, args.preset, overrides) for k in parse_stages(args)]
 
 
@@ -85,15 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("auto", "local", "slurm"), default="auto",
                    help="local: processes on this machine; slurm: a heterogeneous job (auto: slurm if sbatch is on PATH)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and the resolved config; run nothing")
+    p.add_argument("--no-hetjob", action="store_true",
+                   help="slurm: two ordinary jobs (servers, then trainer + orchestrator) for clusters without hetjobs")
     p.add_argument("--wait", action="store_true", help="slurm: block and stream progress until the job(s) end")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.optimizer.lr=2e-6")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         configs = resolve(args)
+        apply_process_settings(configs[0], job=False)  # run.yaml, logs and the job inherit it
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -102,15 +107,27 @@ def main(argv: list[str] | None = None) -> int:
         print("error: sbatch is not on PATH: run this on a Slurm login node, or pass --executor local",
               file=sys.stderr)
         return 2
+    from deepscaler.prefetch import CacheError, require_cache
+
     if args.dry_run:
         for i, cfg in enumerate(configs):
             print(f"# {describe(cfg)} [{executor}]")
+            try:
+                require_cache(cfg)
+            except CacheError as e:
+                print(f"# warning: {e}")
             if executor == "slurm":
                 from deepscaler.slurm import dry_run_script
 
                 print(dry_run_script(cfg, dependency=f"afterok:<job of stage {configs[i - 1].run.stage}>" if i else None))
             print(to_yaml(cfg), end="")
         return 0
+    try:  # before any job asks for GPUs: a job that cannot load its model must not start
+        for cfg in configs:
+            require_cache(cfg)
+    except CacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if executor == "slurm":
         from deepscaler.slurm import submit_stages
 
@@ -127,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: every process of the stage was stopped; resume with --resume-step latest",
                   file=sys.stderr)
             return 130
-        except (LaunchError, ConfigError, StoreError) as e:
+        except ConfigError as e:  # refused before anything ran (resume step, existing checkpoints)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (LaunchError, StoreError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(summary(store), flush=True)

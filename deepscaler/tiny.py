@@ -171,14 +171,14 @@ def _save_model(model, directory: Path) -> None:
     """Write the HF folder files directly. Why not ``save_pretrained``: transformers 5 writes
     nothing but the weights on a torch.distributed rank other than 0, so a trainer rank
     building the model would publish a folder with no config.json."""
-    from safetensors.torch import save_file
+    from deepscaler.store import save_tensors
 
     model.config.architectures = [type(model).__name__]
     model.config.dtype = "float32"
     model.config.save_pretrained(str(directory))
     model.generation_config.save_pretrained(str(directory))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
+    # save_tensors: the run's umask applies (safetensors' own save_file creates 0600 files).
+    save_tensors(directory / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
 
 
 def ensure_tiny_model(cache_dir: str | Path, shape, seed: int = 0) -> Path:

@@ -34,9 +34,10 @@ class ServerError(RuntimeError):
     """A server failed, refused or answered nonsense. The first line names the server and its
     address; ``status`` is the HTTP code when there was one."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, server: str | None = None):
         super().__init__(message)
         self.status = status
+        self.server = server  # its name, for the log tail
 
 
 class WeightSyncError(ServerError):
@@ -76,7 +77,7 @@ class InferenceClient:
         return f"InferenceClient({self.name!r}, {self.address!r})"
 
     def _error(self, what: str, status: int | None = None) -> ServerError:
-        return ServerError(f"server {self.name} ({self.address}): {what}", status)
+        return ServerError(f"server {self.name} ({self.address}): {what}", status, self.name)
 
     def _request(self, method: str, path: str, body: Any = None, timeout_s: float | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()

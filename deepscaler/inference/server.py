@@ -42,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from deepscaler.config import Config, ConfigError, load_config
+from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args
 from deepscaler.store import RunStore, StepNotFound, StoreError
 
 log = logging.getLogger("deepscaler.inference")
@@ -197,8 +197,13 @@ def parse_update(body: Any) -> tuple[int, str]:
 
 
 def max_model_len(cfg: Config) -> int:
-    """inference.max_model_len, or the longest a rollout can be: prompt + response."""
-    return cfg.inference.max_model_len or cfg.data.max_prompt_tokens + cfg.sampling.max_response_tokens
+    """inference.max_model_len, or the longest a rollout can be (prompt + response), and never
+    shorter than the weight-sync probe, which every update sends (a tiny preset's context can
+    be shorter than the probe)."""
+    from deepscaler.trainer.weights import PROBE_MAX_TOKENS
+
+    rollout = cfg.data.max_prompt_tokens + cfg.sampling.max_response_tokens
+    return cfg.inference.max_model_len or max(rollout, PROBE_MAX_TOKENS + 1)
 
 
 # --------------------------------------------------------------------------- the application
@@ -406,13 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0: a free port (the default)")
     parser.add_argument("--weights-step", default="latest", help="N, latest (default) or base")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     args.name = args.name.replace("{rank}", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
     backend = None
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config_args(args.config, args.overrides)
+        apply_process_settings(cfg)
         store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
         store.remove_server_address(args.name)  # a stale file of a killed predecessor misleads waiters
         step = resolve_start(store, args.weights_step)
@@ -420,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         if step == BASE_STEP:
             from deepscaler.model import model_source
 
-            source, revision = model_source(cfg), cfg.model.revision
+            source = model_source(cfg)
+            # A Hub id resolves to its cache snapshot folder, which is that revision already.
+            revision = None if os.path.isdir(source) else cfg.model.revision
             log.info("starting %s backend on the base model %s", cfg.inference.backend, source)
             backend = make_backend(cfg, source, revision)
         else:

@@ -486,7 +486,8 @@ def load_checkpoint(path, engine, *, scheduler=None, load_optimizer: bool = True
             raise CheckpointMismatch(
                 f"{path}: saved with world size {state['world_size']} and ZeRO stage {state['zero_stage']}, "
                 f"this run has world size {ranks.world} and ZeRO stage {stage}; the optimizer state cannot be "
-                f"re-partitioned (set checkpoint.load_optimizer=false to load the weights only)"
+                f"re-partitioned: resume with the trainer shape it was saved with (or start a new stage from "
+                f"it with checkpoint.load_optimizer=false to load the weights only)"
             )
         if restore_rng and state["world_size"] != ranks.world:
             log.warning("%s: saved with world size %d, now %d: RNG states not restored",

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from deepscaler.config import Config, ConfigError, load_config
+from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args
 from deepscaler.faults import maybe_crash
 from deepscaler.model import load_causal_lm, load_tokenizer, model_source
 from deepscaler.rollouts import mini_batches, read_rollout
@@ -128,7 +128,9 @@ def train(cfg: Config, resume: str | None = None) -> int:
             save_checkpoint(store, step, engine, scheduler=engine.lr_scheduler,
                             progress={"stage_first_step": first_step, "data": rollout.extra.get("progress")})
         if dist.is_main:
-            store.apply_retention("weights", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+            # Steps an eval sweep has claimed (evals/step_N/PENDING) stay until evaluated.
+            store.apply_retention("weights", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
+                                  protected=store.pending_evals())
             store.apply_retention("checkpoints", KEEP_CHECKPOINTS)
         record = _step_metrics(stats, rollout, engine, cfg.trainer.ppo_epochs, t_wait, t_train, time.perf_counter() - t0)
         if dist.is_main:
@@ -187,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, nargs="+", help="run.yaml, or config files")
     parser.add_argument("--resume-step", help="a checkpoint step, or 'latest'")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config_args(args.config, args.overrides)
+        apply_process_settings(cfg)
         train(cfg, args.resume_step)
     except (ConfigError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -106,7 +106,7 @@ def test_resume_after_killing_the_launcher_continues_exactly(reference: RunStore
     assert store.latest_stable("weights") < STEPS
 
     again = run_submit(tmp_path)  # no --resume-step: refused, the run has checkpoints
-    assert again.returncode == 1 and "--resume-step latest" in again.stderr.splitlines()[-1]
+    assert again.returncode == 2 and "--resume-step latest" in again.stderr.splitlines()[-1]
 
     resumed = run_submit(tmp_path, "--resume-step", "latest")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]

@@ -1,0 +1,175 @@
+"""``python -m deepscaler.publish``: a weights step as a Hugging Face model repository.
+
+    python -m deepscaler.publish --output-dir DIR --run NAME --stage K --step N --repo-id ORG/NAME \\
+        [--private] [--dry-run]
+
+Uploads the step's Hugging Face folder (config, safetensors, tokenizer, generation config;
+not the project's own STABLE marker, leases or probe.json) plus a model card (README.md) holding
+the eval table of that step beside the base model and the training recipe from ``run.yaml``.
+``--dry-run`` lists the files and prints the card; nothing is sent.
+
+One commit (``create_repo`` then ``create_commit`` with every file and the card), so a
+repository never shows weights without their card. The token comes from ``HF_TOKEN`` or the
+Hub's own login (``hf auth login``) and is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from deepscaler.config import Config, ConfigError, load_config
+from deepscaler.data import PROMPT_SUFFIX, looks_like_repo_id
+from deepscaler.eval import EvalError, resolve_run
+from deepscaler.report import raw_lines, summaries, table
+from deepscaler.store import BASE_EVAL, LEASE_PREFIX, STABLE, RunStore, StoreError
+
+PROJECT_FILES = {STABLE, "probe.json"}  # the filesystem contract's, not the model's
+
+
+class PublishError(RuntimeError):
+    """A publish that cannot go ahead (no token, the Hub refused). One line."""
+
+
+def model_files(store: RunStore, step: int) -> list[tuple[str, Path]]:
+    """(path in the repository, local file) of a stable weights step, sorted."""
+    folder = store.step_dir("weights", step)
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in PROJECT_FILES and not path.name.startswith((LEASE_PREFIX, ".")):
+            files.append((rel, path))
+    return files
+
+
+def _recipe(cfg: Config, step: int) -> list[str]:
+    """The training recipe as a two-column table (what the card reader needs to reproduce it)."""
+    o, t, s, loss = cfg.orchestrator, cfg.trainer, cfg.sampling, cfg.trainer.loss
+    opt = t.optimizer
+    rows = [
+        ("base model", f"`{cfg.model.name}`"),
+        ("training data", f"`{cfg.data.train}`"),
+        ("stage, step", f"stage {cfg.run.stage}, weights step {step}"),
+        ("algorithm", f"GRPO, {o.prompts_per_step} prompts x {s.samples_per_prompt} samples per step, "
+                      f"{t.mini_batches_per_step} optimizer update(s) per step, {t.ppo_epochs} PPO epoch(s)"),
+        ("advantage", "(reward - group mean) / (group std + 1e-6), token-mean loss"),
+        ("reward", "1 if the last `\\boxed{}` after `</think>` matches the answer, else 0"),
+        ("context", f"prompt up to {cfg.data.max_prompt_tokens} tokens, response up to {s.max_response_tokens}"),
+        ("sampling", f"temperature {s.temperature:g}, top_p {s.top_p:g}"),
+        ("optimizer", f"AdamW, lr {opt.lr:g} ({opt.scheduler}), weight decay {opt.weight_decay:g}, "
+                      f"grad clip {opt.grad_clip:g}"),
+        ("clip ratio", f"{loss.clip_ratio_low:g} / {loss.clip_ratio_high:g}"),
+        ("KL", f"{loss.kl_type}, coefficient {loss.kl_coef:g}"),
+        ("entropy bonus", f"{loss.entropy_coef:g}"),
+        ("async level", f"{o.async_level} (0: on-policy)"),
+    ]
+    return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+
+
+def model_card(store: RunStore, step: int, repo_id: str) -> str:
+    """README.md of the repository: metadata, the eval table of this step and the base, the recipe."""
+    cfg = load_config(store.run_yaml)
+    results = summaries(store)
+    shown = {w: results[w] for w in (BASE_EVAL, step) if w in results}
+    meta = ["---", "license: mit", "library_name: transformers", "pipeline_tag: text-generation",
+            "tags:", "- deepscaler", "- grpo", "- math", "- reasoning"]
+    if looks_like_repo_id(cfg.model.name):  # a Hub id, not "tiny" or a local folder
+        meta.append(f"base_model: {cfg.model.name}")
+    meta.append("---")
+    title = repo_id.split("/")[-1]
+    lines = [*meta, "", f"# {title}", "",
+             f"`{cfg.model.name}` trained with GRPO on the [DeepScaleR](https://github.com/agentica-project/rllm) "
+             f"recipe by the `deepscaler` project: run `{store.run}`, stage {store.stage}, weights step {step}.",
+             "", "## Evaluation", ""]
+    if step in shown:
+        first = next(iter(shown[step].values()))
+        lines += table(shown)
+        lines += ["", f"Sampling: temperature {first['temperature']:g}, top_p {first['top_p']:g}, up to "
+                      f"{first['max_response_tokens']} tokens, seed {first['seed']} ({first['backend']} backend).",
+                  "", "```", *raw_lines(shown), "```"]
+    else:
+        lines += [f"Not evaluated yet (`python -m deepscaler.eval run --model {step} --run {store.run} "
+                  f"--stage {store.stage}`)."]
+    lines += ["", "## Training recipe", "", *_recipe(cfg, step), "", "## Usage", "",
+              "Prompt: the problem followed by"
+              f" `{PROMPT_SUFFIX.strip()}`, in the chat template, no system prompt.", "",
+              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+              f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```", ""]
+    return "\n".join(lines)
+
+
+def hub_token() -> str | None:
+    """HF_TOKEN, else the token of the Hub's own login; None when there is neither."""
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def upload(store: RunStore, step: int, repo_id: str, private: bool, api: Any = None) -> str:
+    """Create the repository (if needed) and commit the files and the card in one commit.
+
+    ``api``: a ``huggingface_hub.HfApi`` (the default, with the token of :func:`hub_token`);
+    tests pass a fake with the same two methods. Returns the commit's URL."""
+    from huggingface_hub import CommitOperationAdd
+
+    if api is None:
+        token = hub_token()
+        if not token:
+            raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    card = model_card(store, step, repo_id)
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path))
+                  for rel, path in model_files(store, step) if rel != "README.md"]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    try:
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        info = api.create_commit(repo_id, operations, repo_type="model",
+                                 commit_message=f"deepscaler run {store.run} stage {store.stage} step {step}")
+    except Exception as e:  # HfHubHTTPError and friends: their text has the URL, never the token
+        raise PublishError(f"the Hub refused {repo_id}: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
+    return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deepscaler.publish", description=__doc__.split("\n\n")[0])
+    p.add_argument("--output-dir", default="outputs", help="where runs are written (default: outputs)")
+    p.add_argument("--run", help="the run's name (default: the only run in --output-dir)")
+    p.add_argument("--stage", type=int, default=1, help="the stage (default 1)")
+    p.add_argument("--step", type=int, required=True, help="the weights step to publish")
+    p.add_argument("--repo-id", required=True, help="the model repository, e.g. my-org/DeepScaleR-1.5B-repro")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--dry-run", action="store_true", help="list the files and print the card; upload nothing")
+    args = p.parse_args(argv)
+    try:
+        if not looks_like_repo_id(args.repo_id):
+            raise PublishError(f"--repo-id '{args.repo_id}': expected owner/name, e.g. my-org/DeepScaleR-1.5B-repro")
+        store = resolve_run(args.output_dir, args.run, args.stage)
+        files = model_files(store, args.step)
+        if args.dry_run:
+            print(f"# would upload {len(files) + 1} files to https://huggingface.co/{args.repo_id}"
+                  f" ({'private' if args.private else 'public'}):")
+            for rel, path in files:
+                print(f"{path.stat().st_size:>14,d}  {rel}")
+            print(f"{'(card)':>14}  README.md")
+            print("# README.md:")
+            print(model_card(store, args.step, args.repo_id), end="")
+            return 0
+        url = upload(store, args.step, args.repo_id, args.private)
+        print(f"published weights step {args.step} of run '{store.run}' stage {store.stage}: {url}")
+        return 0
+    except (ConfigError, StoreError, EvalError, PublishError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""SIGKILL of the trainer, the orchestrator and an inference server at seeded random moments of
+a running tiny stage: the stage stops, ``--resume-step latest`` finishes it, no stable step is
+corrupt, and the final weights are bit-identical to an uninterrupted run (deterministic CPU).
+``benchmarks/faults.py`` runs the same trials many more times."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.chaos import VICTIMS, reference_run, run_trial
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_run(tmp_path_factory.mktemp("chaos-ref"), STEPS)
+
+
+@pytest.mark.parametrize("victim,seed", list(zip(VICTIMS, (11, 12, 13))))
+def test_kill_then_resume_gives_the_same_weights(reference, tmp_path: Path, victim: str, seed: int) -> None:
+    trial = run_trial(tmp_path, reference, STEPS, seed, victim)
+    assert not trial.corrupt, trial.corrupt
+    assert trial.recovered, trial
+    assert trial.steps_lost <= 2, trial  # at most checkpoint.interval steps are computed again

@@ -1,0 +1,121 @@
+"""The eval sweep on the real local Slurm cluster: a tiny run of 2 steps (local executor), then
+ONE array job through submitit with a task per weights step plus the base model, the report,
+a second sweep that finds nothing to do, and the plain sbatch script on the same run.
+About 2-3 minutes on a loaded 2-core machine."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deepscaler.store import RunStore
+from tests.slurm_cluster import slurm_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+BENCHES = ("math500", "aime2024")
+
+
+def env() -> dict[str, str]:
+    return {**slurm_env(), "PYTHONPATH": str(REPO), "DEEPSCALER_PYTHON": sys.executable}
+
+
+def cli(*argv: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=REPO, env=env(),
+                          timeout=timeout)
+
+
+def sacct(job_id: str) -> dict[str, tuple[str, str]]:
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,JobName,State"],
+                         capture_output=True, text=True, timeout=15, env=slurm_env()).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.count("|") == 2]
+    return {jid: (name, state.split()[0] if state else "") for jid, name, state in rows}
+
+
+def wait_final(job_id: str, count: int, timeout_s: float = 240) -> dict[str, tuple[str, str]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        jobs = {k: v for k, v in sacct(job_id).items() if "[" not in k}
+        if len(jobs) >= count and all(state in FINAL for _, state in jobs.values()):
+            return jobs
+        time.sleep(2)
+    subprocess.run(["scancel", job_id], env=slurm_env(), timeout=15)
+    pytest.fail(f"job {job_id} not finished after {timeout_s:.0f}s: {sacct(job_id)}")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> RunStore:
+    out = tmp_path_factory.mktemp("eval sweep")  # a space in the path: every command must quote it
+    done = cli("deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local",
+               "--output-dir", str(out), "--max-steps", "2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    store = RunStore(out, "tiny", 1)
+    assert store.stable_steps("weights") == [1, 2]  # keep_last 2 of the tiny preset
+    return store
+
+
+def test_sweep_is_one_array_with_a_task_per_step(slurm_cluster, tiny_run: RunStore) -> None:
+    store = tiny_run
+    t0 = time.monotonic()
+    done = cli("deepscaler.eval", "sweep", "--output-dir", str(store.output_dir), "--stage", "1", "--include-base",
+               "--max-parallel", "2", "--wait")
+    elapsed = time.monotonic() - t0
+    assert done.returncode == 0, done.stdout + done.stderr
+    submitted = [line for line in done.stdout.splitlines() if line.startswith("submitted eval array ")]
+    assert len(submitted) == 1, done.stdout
+    array = submitted[0].split()[3]
+    assert f"{array}_0=base, {array}_1=step_1, {array}_2=step_2" in submitted[0]
+
+    jobs = sacct(array)
+    assert jobs == {f"{array}_{i}": ("deepscaler-tiny-s1-eval", "COMPLETED") for i in range(3)}, jobs
+    script = (store.logs_dir / "slurm-eval" / f"{array}_submission.sh").read_text()
+    assert "#SBATCH --array=0-2%2" in script and "#SBATCH --cpus-per-task=1" in script
+
+    for what in ("base", 1, 2):
+        for bench in BENCHES:
+            assert store.eval_path(what, bench).is_file(), (what, bench)
+    assert store.pending_evals() == []  # every task removed its step's marker
+    assert (store.evals_dir / "eval.png").stat().st_size > 20_000
+    report = (store.evals_dir / "report.md").read_text()
+    assert "| step 1 |" in report and "| step 2 |" in report and "(base) |" in report
+    print(f"sweep of 3 tasks, 2 at a time: {elapsed:.1f}s")
+
+    # Everything is evaluated: a second sweep submits nothing.
+    again = cli("deepscaler.eval", "sweep", "--output-dir", str(store.output_dir), "--include-base")
+    assert again.returncode == 0 and "nothing to evaluate" in again.stdout, again.stdout + again.stderr
+    assert "submitted" not in again.stdout
+
+
+def test_plain_sbatch_script_evaluates_the_indexed_steps(slurm_cluster, tiny_run: RunStore) -> None:
+    """The dry run's sbatch lines, run as printed: task N takes the Nth stable step through the
+    same entry point (here every benchmark is there already, so each task only says so)."""
+    store = tiny_run
+    if not store.eval_path(2, "aime2024").is_file():
+        pytest.skip("needs the sweep test's results")
+    dry = cli("deepscaler.eval", "sweep", "--output-dir", str(store.output_dir), "--include-base", "--force",
+              "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    lines = [line for line in dry.stdout.splitlines() if line.startswith("sbatch ")]
+    assert len(lines) == 2 and "--array=0,1" in lines[0] and " base " in lines[1]
+    ids = []
+    for line in lines:
+        argv = shlex.split(line)
+        out = subprocess.run([argv[0], "--parsable", *argv[1:]], capture_output=True, text=True, env=env(),
+                             timeout=15, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        ids.append(out.stdout.strip().split(";")[0])
+    array, base = ids
+    assert set(wait_final(array, 2).values()) == {("deepscaler-tiny-s1-eval", "COMPLETED")}
+    assert set(wait_final(base, 1).values()) == {("deepscaler-tiny-s1-eval", "COMPLETED")}
+    logs = store.logs_dir / "slurm-eval"
+    for index, step in ((0, 1), (1, 2)):
+        text = (logs / f"{array}_{index}.out").read_text()
+        assert f"model {step} (job {array}_{index})" in text, text
+        assert f"step_{step}/aime2024: already evaluated" in text, text
+    assert "base/math500: already evaluated" in (logs / f"base-{base}.out").read_text()

@@ -1,0 +1,162 @@
+"""Stages as real heterogeneous jobs on the local Slurm cluster (slurm/local/up.sh): one job
+per stage, chained stages, requeue at a time limit, scancel and resume, sbatch's own errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from deepscaler.store import STABLE, RunStore
+from tests.slurm_cluster import slurm_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def cancel_leftover_jobs(tmp_path: Path):
+    """A failed or timed-out test must not leave its jobs queued on the cluster."""
+    yield
+    for metrics in tmp_path.rglob("metrics.jsonl"):
+        store = RunStore(metrics.parents[2], metrics.parents[1].name, int(metrics.parent.name.removeprefix("stage")))
+        if submitted_jobs(store):
+            subprocess.run(["scancel", *submitted_jobs(store)], env=slurm_env(), check=False)
+
+
+def submit(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "deepscaler.submit", "--preset", "tiny", "--output-dir", str(out), *args]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=slurm_env())
+
+
+def sacct(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["sacct", "-P", "-n", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True,
+                         env=slurm_env())
+    return dict(line.split("|", 1) for line in out.stdout.splitlines() if "|" in line)
+
+
+def submitted_jobs(store: RunStore) -> list[str]:
+    return [str(r["slurm_job_id"]) for r in store.read_metrics().records if r.get("event") == "submitted"]
+
+
+def wait_until(cond, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+def job_ended(job_id: str) -> bool:
+    state = sacct(job_id).get(f"{job_id}+0", "")
+    return state.split(" ")[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+def weights(store: RunStore, step: int) -> dict:
+    return load_file(store.step_dir("weights", step) / "model.safetensors")
+
+
+def only_stable_steps(store: RunStore) -> None:
+    for kind in ("rollouts", "weights", "checkpoints"):
+        for d in store.kind_dir(kind).glob("step_*"):
+            if ".tmp-" not in d.name:  # a killed writer's temp dir: ignored by readers, removed on resume
+                assert (d / STABLE).is_file(), f"{d} has no {STABLE} marker"
+
+
+def test_a_stage_is_one_hetjob_with_two_components(slurm_cluster, tmp_path: Path) -> None:
+    done = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "2", "--wait")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    store = RunStore(tmp_path, "tiny", 1)
+    (job,) = submitted_jobs(store)
+    states = sacct(job)
+    assert states[f"{job}+0"] == "COMPLETED" and states[f"{job}+1"] == "COMPLETED", states
+    assert store.is_stable("weights", 2)
+    assert "step 1  reward" in done.stdout  # --wait streamed the progress lines
+    squeue_name = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobName"], capture_output=True,
+                                 text=True, env=slurm_env()).stdout.split()
+    assert "deepscaler-tiny-s1" in squeue_name
+    status = subprocess.run([sys.executable, "-m", "deepscaler.status", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, env={**slurm_env(), "COLUMNS": "200"})
+    assert status.returncode == 0, status.stderr
+    assert job in status.stdout and "COMPLETED" in status.stdout and "2/2" in status.stdout
+
+
+def test_chained_stages_wait_for_each_other_and_stage_2_starts_from_stage_1(slurm_cluster, tmp_path: Path) -> None:
+    out = submit(tmp_path, "--stages", "1,2", "--executor", "slurm", "--max-steps", "2")
+    assert out.returncode == 0, out.stderr
+    first, second = RunStore(tmp_path, "tiny", 1), RunStore(tmp_path, "tiny", 2)
+    (job1,), (job2,) = submitted_jobs(first), submitted_jobs(second)
+    reason = subprocess.run(["squeue", "-h", "-j", job2, "-o", "%r"], capture_output=True, text=True,
+                            env=slurm_env()).stdout
+    assert "Dependency" in reason, reason
+    wait_until(lambda: job_ended(job2), 480, f"job {job2}", poll=3)
+    assert sacct(job1)[f"{job1}+1"] == "COMPLETED" and sacct(job2)[f"{job2}+1"] == "COMPLETED"
+    start = next(r for r in second.read_metrics().records if r.get("source") == "trainer" and r.get("event") == "start")
+    assert start["init_from"] == str(first.step_path("checkpoints", 2))
+    assert start["step"] == 2  # steps continue across stages (checkpoint.reset_step: false)
+    assert second.is_stable("weights", 4)
+
+
+@pytest.mark.timeout(2400)
+def test_time_limit_requeues_and_the_result_equals_an_uninterrupted_run(slurm_cluster, tmp_path: Path) -> None:
+    """A 1-minute limit with the signal 30 s before it: the job is requeued at least once and
+    resumes from its newest checkpoint; deterministic CPU weights equal a run without limit.
+    Slurm checks limits every 30 s, so an attempt gets 30-60 s, about 20 s of it start-up:
+    10 tiny steps (about 4 s each on 2 idle cores) take more than one attempt."""
+    steps = ["--max-steps", "10", "run.deterministic=true", "checkpoint.interval=1"]
+    reference = submit(tmp_path / "ref", "--stage", "1", "--executor", "local", *steps, timeout=900)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    done = submit(tmp_path / "slurm", "--stage", "1", "--executor", "slurm", "--wait", "slurm.time=1",
+                  "slurm.signal_delay_s=30", *steps, timeout=2000)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    store = RunStore(tmp_path / "slurm", "tiny", 1)
+    attempts = [r for r in store.read_metrics().records if r.get("event") == "attempt"]
+    assert len(attempts) >= 2 and attempts[-1]["restart_count"] >= 1, attempts
+    final, expected = weights(store, 10), weights(RunStore(tmp_path / "ref", "tiny", 1), 10)
+    for k in expected:
+        assert (final[k] == expected[k]).all(), f"{k} differs after the requeue"
+
+
+def test_scancel_leaves_stable_steps_and_resume_continues(slurm_cluster, tmp_path: Path) -> None:
+    out = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "6", "checkpoint.interval=2")
+    assert out.returncode == 0, out.stderr
+    store = RunStore(tmp_path, "tiny", 1)
+    (job,) = submitted_jobs(store)
+    wait_until(lambda: store.is_stable("checkpoints", 2), 300, "checkpoint step 2")
+    subprocess.run(["scancel", job], check=True, env=slurm_env())
+    wait_until(lambda: job_ended(job), 120, f"job {job} to end")
+    only_stable_steps(store)
+    assert store.latest_stable("weights") < 6
+
+    bad = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "6", "--resume-step", "5")
+    assert bad.returncode == 2 and "--resume-step 5: no stable checkpoint" in bad.stderr and "(stable: " in bad.stderr
+
+    resumed = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "6", "checkpoint.interval=2",
+                     "--resume-step", "latest", "--wait")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert store.is_stable("weights", 6)
+    only_stable_steps(store)
+
+
+def test_without_hetjobs_two_ordinary_jobs_run_the_stage(slurm_cluster, tmp_path: Path) -> None:
+    done = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--no-hetjob", "--max-steps", "2", "--wait")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    store = RunStore(tmp_path, "tiny", 1)
+    servers, main = submitted_jobs(store)
+    assert sacct(main)[main] == "COMPLETED" and f"{main}+0" not in sacct(main)
+    assert sacct(servers)[servers].startswith("CANCELLED")  # stopped by the main job once the stage is done
+    assert store.is_stable("weights", 2)
+
+
+def test_unknown_partition_shows_sbatchs_own_error(slurm_cluster, tmp_path: Path) -> None:
+    out = submit(tmp_path, "--stage", "1", "--executor", "slurm", "slurm.partition=nosuchpart")
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: sbatch refused stage 1 of run 'tiny'") and "invalid partition" in line.lower()

@@ -1,0 +1,218 @@
+"""``python -m deepscaler.eval`` without a server: what is evaluated where, the sweep's plan and
+its sbatch lines, the one-line errors, the eval files' layout and the retention markers.
+
+Weights steps here are STABLE-marked folders with placeholder files: nothing loads them."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+import pytest
+
+from deepscaler.config import load_config, to_yaml
+from deepscaler.eval import eval_config, main
+from deepscaler.evalsweep import sbatch_lines, sbatch_options, task_argv
+from deepscaler.store import RunStore, StepNotFound
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_run(root: Path, run: str = "tiny", steps=(0, 1, 2), *overrides: str) -> RunStore:
+    cfg = load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny.yaml"],
+                      [f"run.output_dir={root}", f"run.name={run}", *overrides])
+    store = RunStore(root, run, 1)
+    store.ensure_dirs()
+    store.run_yaml.write_text(to_yaml(cfg))
+    for step in steps:
+        with store.publish("weights", step) as tmp:
+            (tmp / "config.json").write_text("{}")
+            (tmp / "model.safetensors").write_bytes(b"\0" * 16)
+            (tmp / "probe.json").write_text("{}")
+    return store
+
+
+def fake_eval(store: RunStore, what, bench: str, n: int = 1) -> None:
+    summary = {"benchmark": bench, "step": what, "model": "tiny", "samples_per_problem": n, "pass_k": 1,
+               "avg_at_n": 0.25, "pass_at_k": 0.5, "length_mean": 40.0, "length_std": 3.0, "length_min": 30.0,
+               "length_max": 64.0, "truncated_rate": 0.5, "wall_time_s": 2.0, "temperature": 0.6, "top_p": 0.95,
+               "max_response_tokens": 64, "seed": 0, "backend": "hf", "line": f"Evaluated {bench} ..."}
+    store.write_eval(what, bench, {"summary": summary, "samples": []})
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- one-line errors
+
+
+def test_a_step_without_stable_weights(tmp_path: Path, capsys) -> None:
+    store = make_run(tmp_path, steps=(1, 2))
+    (store.weights_dir / "step_5").mkdir()  # unfinished: no STABLE marker
+    code, _, err = run_main(capsys, "run", "--model", "5", "--output-dir", str(tmp_path))
+    assert code == 2 and "step_5 exists but has no STABLE marker" in one_error_line(err)
+    assert "stable weights steps: [1, 2]" in err
+    code, _, err = run_main(capsys, "run", "--model", "7", "--output-dir", str(tmp_path))
+    assert code == 2 and "step_7 does not exist; stable weights steps: [1, 2]" in one_error_line(err)
+
+
+def test_an_unknown_benchmark_lists_the_known_ones(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path)
+    code, _, err = run_main(capsys, "run", "--model", "1", "--output-dir", str(tmp_path), "--benchmarks", "aime24")
+    line = one_error_line(err)
+    assert code == 2 and "unknown benchmark 'aime24'; known: aime2024, amc, math500, minerva, olympiad_bench" in line
+
+
+def test_an_output_dir_with_no_run(tmp_path: Path, capsys) -> None:
+    for argv in (["run", "--model", "3"], ["sweep"], ["report"], ["steps"]):
+        code, _, err = run_main(capsys, *argv, "--output-dir", str(tmp_path))
+        assert code == 2 and f"{tmp_path}: no run (no <run>/stage1/run.yaml under it)" in one_error_line(err)
+    make_run(tmp_path)
+    code, _, err = run_main(capsys, "report", "--output-dir", str(tmp_path), "--run", "other")
+    assert code == 2 and "no run here (no run.yaml); runs with a stage 1 in" in one_error_line(err)
+    assert err.strip().endswith(": tiny")
+
+
+def test_several_runs_need_a_name(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path, "a")
+    make_run(tmp_path, "b")
+    code, _, err = run_main(capsys, "sweep", "--output-dir", str(tmp_path), "--dry-run")
+    assert code == 2 and "holds several runs with a stage 1 (a, b): pass --run" in one_error_line(err)
+
+
+def test_sweep_steps_must_be_stable(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path)
+    code, _, err = run_main(capsys, "sweep", "--output-dir", str(tmp_path), "--steps", "1,9", "--dry-run")
+    assert code == 2 and "step_9 does not exist; stable weights steps: [0, 1, 2]" in one_error_line(err)
+    code, _, err = run_main(capsys, "sweep", "--output-dir", str(tmp_path), "--steps", "x", "--dry-run")
+    assert code == 2 and "--steps 'x'" in one_error_line(err)
+
+
+# --------------------------------------------------------------------------- what is evaluated where
+
+
+def test_a_step_is_evaluated_with_the_runs_settings(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    cfg, store, what = eval_config("2", tmp_path, None, 1)
+    assert (store.run, what, cfg.model.name, cfg.inference.backend) == ("tiny", 2, "tiny", "hf")
+    assert cfg.eval.max_response_tokens == 64 and cfg.eval.benchmarks["aime2024"].max_problems == 8
+    _, _, latest = eval_config("latest", tmp_path, None, 1)
+    assert latest == 2
+    # a preset and overrides apply on top, but never change the run's identity or base model
+    cfg, store, what = eval_config("base", tmp_path, "tiny", 1, "eval", ["eval.max_response_tokens=99"])
+    assert (what, cfg.run.name, cfg.model.name, cfg.eval.max_response_tokens) == ("base", "tiny", "tiny", 99)
+    assert cfg.run.output_dir == str(tmp_path)
+
+
+def test_a_model_folder_of_no_run_gets_a_run_of_its_own(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "models" / "My Model"
+    folder.mkdir(parents=True)
+    cfg, store, what = eval_config(str(folder), tmp_path / "out", None, 1, "tiny")
+    assert (store.run, what, cfg.model.name) == ("My_Model", "base", str(folder))
+    assert store.run_yaml.is_file() and load_config(store.run_yaml).model.name == str(folder)
+    # that run's evals/base/ is this model's: another model is refused there
+    other = tmp_path / "models" / "other"
+    other.mkdir()
+    code, _, err = run_main(capsys, "run", "--model", str(other), "--output-dir", str(tmp_path / "out"),
+                            "--run", "My_Model")
+    assert code == 2 and "was trained from" in one_error_line(err)
+
+
+def test_eval_files_layout_and_base_first(tmp_path: Path) -> None:
+    store = make_run(tmp_path)
+    fake_eval(store, 10, "math500")
+    fake_eval(store, 2, "math500")
+    fake_eval(store, "base", "aime2024")
+    assert store.eval_path("base", "aime2024") == store.evals_dir / "base" / "aime2024.json"
+    assert store.eval_path(2, "math500") == store.evals_dir / "step_2" / "math500.json"
+    assert list(store.read_evals()) == ["base", 2, 10]
+
+
+def test_pending_markers_protect_weights_from_retention(tmp_path: Path) -> None:
+    store = make_run(tmp_path, steps=(0, 1, 2, 3, 4))
+    store.mark_eval_pending(1, ["math500"])
+    store.mark_eval_pending(3, ["math500"])
+    assert store.pending_evals() == [1, 3]
+    assert store.read_evals() == {}  # a marker is no result
+    deleted = store.apply_retention("weights", keep_last=1, protected=store.pending_evals()).deleted
+    assert deleted == [0, 2] and store.stable_steps("weights") == [1, 3, 4]
+    store.clear_eval_pending(1)
+    assert store.pending_evals() == [3]
+
+
+def test_steps_lists_the_stable_steps_for_the_sbatch_script(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path, steps=(2, 4, 6))
+    assert run_main(capsys, "steps", "--output-dir", str(tmp_path))[1].split() == ["2", "4", "6"]
+    assert run_main(capsys, "steps", "--output-dir", str(tmp_path), "--index", "1")[1].strip() == "4"
+    code, _, err = run_main(capsys, "steps", "--output-dir", str(tmp_path), "--index", "3")
+    assert code == 2 and "index 3:" in one_error_line(err) and "has 3 stable steps [2, 4, 6]" in err
+
+
+# --------------------------------------------------------------------------- the sweep's plan
+
+
+def test_dry_run_skips_evaluated_steps_and_prints_the_sbatch_lines(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "my runs"  # a space: the printed lines must quote it
+    store = make_run(out, steps=(0, 1, 2, 3))
+    for bench in ("math500", "aime2024"):
+        fake_eval(store, 1, bench)
+    fake_eval(store, 2, "math500")  # aime2024 missing: step 2 is evaluated again
+    code, text, _ = run_main(capsys, "sweep", "--output-dir", str(out), "--include-base", "--max-parallel", "2",
+                             "--dry-run")
+    assert code == 0
+    assert "4 task(s): base, step_0, step_2, step_3; already evaluated: step_1" in text
+    sbatch = [shlex.split(line) for line in text.splitlines() if line.startswith("sbatch ")]
+    array, base = sbatch
+    assert "--array=0,2,3%2" in array  # positions among the stable steps [0, 1, 2, 3]
+    assert "--job-name=deepscaler-tiny-s1-eval" in array and "--cpus-per-task=1" in array
+    i = array.index(str(REPO / "slurm/eval_array.sbatch"))
+    assert array[i + 1:i + 5] == [str(store.run_dir.resolve()), "1", "--benchmarks", "math500,aime2024"]
+    assert base[base.index(str(REPO / "slurm/eval_array.sbatch")) + 3] == "base"
+    assert not store.pending_evals()  # a dry run claims nothing
+    # --force: every step again
+    text = run_main(capsys, "sweep", "--output-dir", str(out), "--force", "--dry-run")[1]
+    assert "4 task(s): step_0, step_1, step_2, step_3" in text
+
+
+def test_tasks_run_the_same_entry_point(tmp_path: Path) -> None:
+    store = make_run(tmp_path)
+    args = argparse.Namespace(preset="tiny", seed=3, force=False, overrides=["eval.temperature=0.7"])
+    argv = task_argv(store, 2, ["math500"], args)
+    assert argv == ["run", "--model", "2", "--output-dir", str(tmp_path.resolve()), "--run", "tiny", "--stage", "1",
+                    "--benchmarks", "math500", "--preset", "tiny", "--seed", "3", "--skip-existing",
+                    "eval.temperature=0.7"]
+
+
+def test_task_resources_come_from_eval_resources_and_slurm(tmp_path: Path) -> None:
+    store = make_run(tmp_path)
+    tiny = load_config(store.run_yaml)
+    assert sbatch_options(tiny, store, None) == {
+        "job_name": "deepscaler-tiny-s1-eval", "time": 30, "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": 1,
+        "signal_delay_s": 60}
+    gpu = load_config(REPO / "yaml/eval.yaml", ["slurm.partition=gpu", "slurm.account=proj", "eval.resources.mem=64G",
+                                                "slurm.extra_sbatch=[--exclusive, --mail-type=END]",
+                                                "slurm.setup=[module load cuda]"])
+    o = sbatch_options(gpu, store, 4)
+    assert (o["gpus_per_node"], o["cpus_per_task"], o["mem"], o["partition"], o["account"]) == (1, 8, "64G", "gpu", "proj")
+    assert o["array_parallelism"] == 4 and o["setup"] == ["module load cuda"]
+    assert o["additional_parameters"] == {"exclusive": True, "mail-type": "END"}
+    args = argparse.Namespace(preset=None, seed=None, force=False, overrides=[], max_parallel=None)
+    line = sbatch_lines(gpu, store, [0], ["aime2024"], args)[0]
+    assert "--gpus-per-node=1" in line and "--partition=gpu" in line and "--exclusive" in line
+
+
+def test_step_not_found_is_what_a_missing_step_raises(tmp_path: Path) -> None:
+    store = make_run(tmp_path, steps=(1,))
+    with pytest.raises(StepNotFound):
+        eval_config("4", tmp_path, "tiny", 1)
+    assert store.stable_steps("weights") == [1]

@@ -1,0 +1,108 @@
+"""``python -m deepscaler.publish``: the file set, the model card, the dry run, and the upload
+against ``FakeHubApi``, a named fake of huggingface_hub's ``HfApi`` (the Hub cannot be reached
+from here). What the fake cannot show, the real Hub's acceptance of the commit, stays untested."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deepscaler.publish import PublishError, main, model_card, model_files, upload
+from tests.unit.test_eval_cli import fake_eval, make_run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class FakeHubApi:
+    """A fake of ``huggingface_hub.HfApi``'s two methods that publish calls; records the calls."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.calls: list[tuple] = []
+        self.fail = fail
+
+    def create_repo(self, repo_id, *, private=None, repo_type=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private, repo_type, exist_ok))
+        if self.fail:
+            raise self.fail
+
+    def create_commit(self, repo_id, operations, *, commit_message, repo_type=None):
+        self.calls.append(("create_commit", repo_id, list(operations), commit_message, repo_type))
+
+        class Info:
+            commit_url = f"https://huggingface.co/{repo_id}/commit/abc"
+        return Info()
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    store = make_run(tmp_path, "tiny", (1, 2))
+    with store.lease("weights", 2, holder="server0"):
+        pass
+    (store.step_dir("weights", 2) / ".lease-eval-x").touch()  # a live lease: not part of the model
+    for bench in ("math500", "aime2024"):
+        fake_eval(store, 2, bench)
+        fake_eval(store, "base", bench)
+    return store
+
+
+def test_files_are_the_model_folder_without_the_projects_own(store) -> None:
+    assert [rel for rel, _ in model_files(store, 2)] == ["config.json", "model.safetensors"]
+
+
+def test_card_holds_metadata_eval_table_and_recipe(store) -> None:
+    card = model_card(store, 2, "me/tiny-repro")
+    assert card.startswith("---\nlicense: mit\n") and "base_model:" not in card  # "tiny" is no Hub id
+    assert "# tiny-repro" in card and "weights step 2" in card
+    assert "| step 2 | 25.0 | 40 ± 3 | 25.0 | 40 ± 3 |" in card
+    assert "| tiny (base) |" in card
+    assert "| KL | low_var_kl, coefficient 0.001 |" in card and "8 prompts x 4 samples per step" in card
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny-repro")' in card
+    assert "Not evaluated yet" in model_card(store, 1, "me/x")
+
+
+def test_dry_run_lists_files_and_prints_the_card(store, capsys) -> None:
+    code = main(["--output-dir", str(store.output_dir), "--step", "2", "--repo-id", "me/tiny-repro", "--dry-run",
+                 "--private"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "# would upload 3 files to https://huggingface.co/me/tiny-repro (private):" in out
+    assert "config.json" in out and "model.safetensors" in out and "probe.json" not in out
+    assert "## Training recipe" in out
+
+
+def test_upload_is_one_commit_with_files_and_card(store) -> None:
+    api = FakeHubApi()
+    url = upload(store, 2, "me/tiny-repro", private=True, api=api)
+    assert url == "https://huggingface.co/me/tiny-repro/commit/abc"
+    (name, repo, private, kind, exist_ok), commit = api.calls
+    assert (name, repo, private, kind, exist_ok) == ("create_repo", "me/tiny-repro", True, "model", True)
+    ops = commit[2]
+    assert [op.path_in_repo for op in ops] == ["config.json", "model.safetensors", "README.md"]
+    assert ops[-1].path_or_fileobj.decode().startswith("---\nlicense: mit")  # the card, from memory
+    assert commit[3] == "deepscaler run tiny stage 1 step 2"
+
+
+def test_hub_errors_are_one_line(store) -> None:
+    with pytest.raises(PublishError, match=r"^the Hub refused me/x: RuntimeError: 403 Forbidden: no write access$"):
+        upload(store, 2, "me/x", private=False, api=FakeHubApi(RuntimeError("403 Forbidden:\n no write access")))
+
+
+def test_no_token_is_a_one_line_error_and_no_upload(store, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "deepscaler.publish", "--output-dir", str(store.output_dir),
+                           "--step", "2", "--repo-id", "me/tiny-repro"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: no Hugging Face token: set HF_TOKEN or run `hf auth login`"
+
+
+def test_bad_repo_id_and_step(store, capsys) -> None:
+    assert main(["--output-dir", str(store.output_dir), "--step", "2", "--repo-id", "nope", "--dry-run"]) == 2
+    assert "expected owner/name" in capsys.readouterr().err
+    assert main(["--output-dir", str(store.output_dir), "--step", "5", "--repo-id", "me/x", "--dry-run"]) == 2
+    assert "step_5 does not exist; stable weights steps: [1, 2]" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""The report (deepscaler/report.py) on hand-made eval files: the table's rows and cells, the raw
+lines, and a PNG that matplotlib actually drew."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deepscaler.evalmetrics import format_line
+from deepscaler.report import markdown, summaries, write_report
+from deepscaler.store import RunStore
+
+
+def summary(bench: str, what, avg: float, mean: float, std: float, n: int) -> dict:
+    s = {"benchmark": bench, "step": what, "model": "/models/DeepSeek-R1-Distill-Qwen-1.5B", "samples_per_problem": n,
+         "pass_k": max(1, n // 2), "avg_at_n": avg, "pass_at_k": min(1.0, 2 * avg), "length_mean": mean,
+         "length_std": std, "length_min": 10.0, "length_max": 32768.0, "truncated_rate": 0.1, "wall_time_s": 99.0}
+    return {**s, "line": format_line(bench, s)}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    store = RunStore(tmp_path, "exp", 2)
+    store.root.mkdir(parents=True)
+    store.write_eval("base", "aime2024", {"summary": summary("aime2024", "base", 0.288, 16000, 9000, 16), "samples": []})
+    store.write_eval("base", "math500", {"summary": summary("math500", "base", 0.828, 5000, 2500, 1), "samples": []})
+    for step, acc in ((100, 0.31), (200, 0.35), (300, 0.431)):
+        store.write_eval(step, "aime2024", {"summary": summary("aime2024", step, acc, 9000, 5000, 16), "samples": []})
+    store.write_eval(300, "math500", {"summary": summary("math500", 300, 0.878, 3000, 1500, 1), "samples": []})
+    return store
+
+
+def test_table_rows_cells_and_raw_lines(store: RunStore) -> None:
+    text = markdown(store, summaries(store))
+    lines = text.splitlines()
+    assert lines[0] == "# Evals of run 'exp' stage 2"
+    assert "| Model | AIME 2024 (Avg@16) | AIME 2024 length | MATH 500 (Avg@1) | MATH 500 length |" in lines
+    assert "| DeepSeek-R1-Distill-Qwen-1.5B (base) | 28.8 | 16000 ± 9000 | 82.8 | 5000 ± 2500 |" in lines
+    assert "| step 100 | 31.0 | 9000 ± 5000 | – | – |" in lines  # math500 not evaluated at step 100
+    assert "| step 300 | 43.1 | 9000 ± 5000 | 87.8 | 3000 ± 1500 |" in lines
+    rows = [line for line in lines if line.startswith("| ") and "Model" not in line]
+    assert [r.split("|")[1].strip() for r in rows][1:] == ["step 100", "step 200", "step 300"]  # base first
+    assert "step 300: Evaluated math500 in 99.00s (Avg@1=0.8780, Pass@1: 1.0000," in text
+
+
+def test_report_files_and_png(store: RunStore) -> None:
+    pytest.importorskip("matplotlib")
+    md, png = write_report(store)
+    assert md == store.evals_dir / "report.md" and png == store.evals_dir / "eval.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert store.read_evals().keys() == {"base", 100, 200, 300}  # the report files are no results
+
+
+def test_report_with_no_evals_still_draws(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    store = RunStore(tmp_path, "exp", 1)
+    md, png = write_report(store)
+    assert "| Model |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
