@@ -113,4 +113,8 @@ def test_submitit_submit_and_result(slurm_cluster, tmp_path):
     assert node in slurm_cluster.nodes
     assert python == sys.executable
     assert Path(package).resolve().is_relative_to(REPO)
-    assert job.get_info(mode="force").get("State") == "COMPLETED"
+    # done() reads the result file; accounting may take a moment longer to record the end.
+    deadline = time.monotonic() + 30
+    while (state := job.get_info(mode="force").get("State")) != "COMPLETED" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert state == "COMPLETED"
