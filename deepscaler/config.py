@@ -13,6 +13,7 @@ itself; later files and then ``key.path=value`` overrides win.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
@@ -567,6 +568,15 @@ def load_config(files: list[str | os.PathLike] | str | os.PathLike, overrides: l
     cfg = _build(Config, data)
     validate(cfg, " + ".join([str(f) for f in files] + list(overrides)) or "defaults")
     return cfg
+
+
+def process_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The command line the stage's processes share (``--config FILE... [key=value...]``, read
+    with ``parse_intermixed_args`` and :func:`load_config_args`); callers add their own options."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--config", required=True, nargs="+", help="run.yaml, or config files")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
 
 
 def load_config_args(files: list[str], overrides: list[str] = ()) -> Config:

@@ -12,7 +12,6 @@ bottom; the data order and the step statistics are small pure functions below it
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import signal
@@ -22,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args, server_names
+from deepscaler.config import (Config, ConfigError, apply_process_settings, load_config_args, process_parser,
+                               server_names)
 from deepscaler.data import DataError, build_prompts, load_problems
 from deepscaler.inference.client import (
     InferenceClient,
@@ -266,10 +266,8 @@ def step_stats(rewards: torch.Tensor, group: int, samples) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deepscaler.orchestrator", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, nargs="+", help="run.yaml, or config files")
+    parser = process_parser("python -m deepscaler.orchestrator", __doc__)
     parser.add_argument("--resume-step", help="the checkpoint the trainer resumes from, or 'latest'")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestrator %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: no orphan workers

@@ -24,7 +24,6 @@ when that variable is set. Logs go to stderr.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -42,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args
+from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args, process_parser
 from deepscaler.store import RunStore, StepNotFound, StoreError
 
 log = logging.getLogger("deepscaler.inference")
@@ -402,15 +401,13 @@ def make_backend(cfg: Config, source: str, revision: str | None) -> Backend:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deepscaler.inference", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, nargs="+", help="run.yaml, or config files")
+    parser = process_parser("python -m deepscaler.inference", __doc__)
     parser.add_argument("--name", required=True,
                         help="server name: servers/<name>.addr; '{rank}' is replaced by SLURM_PROCID "
                              "(one srun step starts every server of a Slurm job)")
     parser.add_argument("--host", help="address to bind and announce (default: 127.0.0.1, or this node's IP in Slurm)")
     parser.add_argument("--port", type=int, default=0, help="0: a free port (the default)")
     parser.add_argument("--weights-step", default="latest", help="N, latest (default) or base")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     args.name = args.name.replace("{rank}", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

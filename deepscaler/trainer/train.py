@@ -10,7 +10,6 @@ Read it top to bottom; the pieces it calls are small and live beside it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import sys
@@ -19,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args
+from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args, process_parser
 from deepscaler.faults import maybe_crash
 from deepscaler.model import load_causal_lm, load_tokenizer, model_source
 from deepscaler.rollouts import mini_batches, read_rollout
@@ -185,10 +184,8 @@ def _step_metrics(stats, rollout, engine, epochs: int, t_wait: float, t_train: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deepscaler.trainer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, nargs="+", help="run.yaml, or config files")
+    parser = process_parser("python -m deepscaler.trainer", __doc__)
     parser.add_argument("--resume-step", help="a checkpoint step, or 'latest'")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s")
     try:

@@ -14,6 +14,7 @@ import pytest
 
 from deepscaler.store import DiskFull, RunStore
 from tests.integration.test_trainer import final_weights, make_run, run_trainer
+from tests.slurm_cluster import in_ci
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ def small_fs(tmp_path: Path):
     mnt.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160M", "tmpfs", str(mnt)], capture_output=True, text=True)
     if done.returncode != 0:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
+        if in_ci():
             pytest.fail(f"cannot mount a tmpfs under CI: {done.stderr.strip()}")
         pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
     try:

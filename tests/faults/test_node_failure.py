@@ -19,7 +19,7 @@ import pytest
 from deepscaler.store import RunStore
 from tests.integration.test_slurm_stage import (cancel_leftover_jobs, job_ended, only_stable_steps, sacct, submit, submitted_jobs,
                                                 wait_until)
-from tests.slurm_cluster import slurm_env
+from tests.slurm_cluster import in_ci, slurm_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 __all__ = ["cancel_leftover_jobs"]  # autouse: no job of a failed test stays queued
@@ -101,9 +101,10 @@ def restore_nodes():
 
 
 @pytest.mark.timeout(1500)
-@pytest.mark.skipif(os.geteuid() != 0, reason="kills and restarts a slurmd: run as root, like slurm/local/up.sh")
 def test_a_dead_node_requeues_the_job_and_resume_loses_at_most_one_interval(slurm_cluster, restore_nodes,
                                                                             tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        (pytest.fail if in_ci() else pytest.skip)("kills and restarts a slurmd: run as root, like slurm/local/up.sh")
     out = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", str(STEPS),
                  f"checkpoint.interval={INTERVAL}")
     assert out.returncode == 0, out.stderr

@@ -45,7 +45,6 @@ def test_table_rows_cells_and_raw_lines(store: RunStore) -> None:
 
 
 def test_report_files_and_png(store: RunStore) -> None:
-    pytest.importorskip("matplotlib")
     md, png = write_report(store)
     assert md == store.evals_dir / "report.md" and png == store.evals_dir / "eval.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
@@ -53,7 +52,6 @@ def test_report_files_and_png(store: RunStore) -> None:
 
 
 def test_report_with_no_evals_still_draws(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     store = RunStore(tmp_path, "exp", 1)
     md, png = write_report(store)
     assert "| Model |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
