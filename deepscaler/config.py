@@ -652,6 +652,15 @@ def validate(cfg: Config, source: str) -> None:
     need(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be 1 or more")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be 1 or more")
     need(_valid_time(cfg.slurm.time), "slurm.time", f"'{cfg.slurm.time}' is not a Slurm time (e.g. 2-00:00:00, 04:00:00, 90)")
+    # slurmctld checks limits every 30 s and sends the signal at the first check that finds the
+    # time left within signal_delay_s + 30 s: an attempt runs between time - delay - 30 s and
+    # time - delay. A limit shorter than that gets its signal at the first check and never trains.
+    need(
+        time_seconds(cfg.slurm.time) > cfg.slurm.signal_delay_s + 30,
+        "slurm.signal_delay_s",
+        f"({cfg.slurm.signal_delay_s} s) + 30 s must be less than slurm.time ({cfg.slurm.time}): "
+        "Slurm would signal the job to requeue as soon as it starts",
+    )
     from deepscaler.data import BENCHMARKS  # light: no heavy imports
 
     for bench, b in cfg.eval.benchmarks.items():
@@ -701,6 +710,11 @@ def _valid_time(text: str) -> bool:
 
 def time_minutes(text: str) -> int:
     """A Slurm time string in whole minutes (rounded up), e.g. for submitit's timeout_min."""
+    return -(-time_seconds(text) // 60)
+
+
+def time_seconds(text: str) -> int:
+    """A Slurm time string (already validated) in seconds."""
     days, dash, rest = text.partition("-")
     if not dash:
         days, rest = "0", text
@@ -713,8 +727,7 @@ def time_minutes(text: str) -> int:
         h, m, s = 0, parts[0], parts[1]
     else:
         h, m, s = parts
-    total_s = ((int(days) * 24 + h) * 60 + m) * 60 + s
-    return -(-total_s // 60)
+    return ((int(days) * 24 + h) * 60 + m) * 60 + s
 
 
 def server_names(cfg: Config) -> list[str]:

@@ -22,7 +22,6 @@ first), so an update is a file read plus a memcpy.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 
 from deepscaler.faults import fault_active
 from deepscaler.inference.server import GenerateRequest, eos_token_ids, request_seed, sample_seed
-from deepscaler.model import load_causal_lm, load_tokenizer
+from deepscaler.model import load_causal_lm, load_tokenizer, one_thread_if_small
 from deepscaler.store import load_tensors
 from deepscaler.trainer.weights import probe_logprobs, weights_files
 
@@ -39,7 +38,6 @@ log = logging.getLogger("deepscaler.inference.hf")
 # Sequences decoded together in one forward batch; more rows are done in chunks (results do
 # not depend on the chunking: every sample has its own RNG stream).
 MAX_BATCH_ROWS = 64
-SMALL_MODEL = 100_000_000  # parameters; below this, one CPU thread (see HFBackend)
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -77,13 +75,7 @@ class HFBackend:
                              f"max_position_embeddings ({limit})")
         self.max_model_len = max_model_len
         self.device = next(self.model.parameters()).device
-        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and self._parameters() < SMALL_MODEL:
-            # A small model's matmuls are too small to split: on a shared 2-core machine two
-            # threads made sampling 3-10x slower than one (thread hand-offs wait for a busy core).
-            torch.set_num_threads(1)
-
-    def _parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        one_thread_if_small(self.model)
 
     # ------------------------------------------------------------------ sampling
 

@@ -20,7 +20,7 @@ import torch
 
 from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args, process_parser
 from deepscaler.faults import maybe_crash
-from deepscaler.model import load_causal_lm, load_tokenizer, model_source
+from deepscaler.model import load_causal_lm, load_tokenizer, model_source, one_thread_if_small
 from deepscaler.rollouts import mini_batches, read_rollout
 from deepscaler.stage import first_step as stage_first_step
 from deepscaler.stage import previous_stage_checkpoint, resolve_resume
@@ -61,6 +61,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
     source = model_source(cfg)
     tokenizer = load_tokenizer(source, cfg.model.revision)
     model = load_causal_lm(source, dtype, cfg.model.revision)
+    if device.type == "cpu":
+        one_thread_if_small(model)
     init_from = None
     prev = previous_stage_checkpoint(cfg, store) if resume_step is None else None
     if prev is not None:

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chaos import VICTIMS, reference_run, run_trial
+from tests.helpers.chaos import VICTIMS, run_trial
 
 pytestmark = pytest.mark.slow
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return reference_run(tmp_path_factory.mktemp("chaos-ref"), STEPS)
+@pytest.fixture
+def reference(reference_stage):
+    assert reference_stage.latest_stable("weights") == STEPS  # conftest's shared run has this many steps
+    return reference_stage
 
 
 @pytest.mark.parametrize("victim,seed", list(zip(VICTIMS, (11, 12, 13))))

@@ -24,7 +24,7 @@ from tests.slurm_cluster import in_ci, slurm_env
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 __all__ = ["cancel_leftover_jobs"]  # autouse: no job of a failed test stays queued
 INTERVAL = 2
-STEPS = 10
+STEPS = 8
 
 
 def run(*cmd: str) -> str:

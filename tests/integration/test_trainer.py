@@ -95,7 +95,7 @@ def test_training_changes_the_weights(reference):
     assert any(not (w3[k] == w4[k]).all() for k in w3)
 
 
-@pytest.mark.parametrize("stop_after", [1, 2, 3])
+@pytest.mark.parametrize("stop_after", [1, 3])  # before the first checkpoint; one step after it
 def test_resume_after_a_kill_gives_bit_identical_weights(tmp_path, reference, stop_after):
     """SIGKILL right after step `stop_after`, resume from the newest stable checkpoint."""
     run_yaml, store = make_run(tmp_path)

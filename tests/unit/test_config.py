@@ -233,6 +233,9 @@ def test_meaning_errors(tmp_path):
     assert "key 'slurm.trainer.gpus_per_node' (16) is more than a node has" in msg
     msg = _error(tmp_path, files=[stage1], overrides=["slurm.time=2days"])
     assert "key 'slurm.time' '2days' is not a Slurm time" in msg
+    msg = _error(tmp_path, files=[stage1], overrides=["slurm.time=1", "slurm.signal_delay_s=30"])
+    assert "key 'slurm.signal_delay_s' (30 s) + 30 s must be less than slurm.time (1)" in msg
+    load_config([stage1], ["slurm.time=2", "slurm.signal_delay_s=30"])  # 60-90 s per attempt: accepted
     msg = _error(tmp_path, files=[stage1], overrides=["inference.tensor_parallel=3"])
     assert "must divide slurm.inference.gpus_per_node (4)" in msg
     msg = _error(tmp_path, files=[stage1], overrides=["checkpoint.init_from_stage=1"])
