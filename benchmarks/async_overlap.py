@@ -15,7 +15,7 @@ How:
   same size) on a seeded file of short prompts ("What is 23 + 48?", 31 tokens rendered).
   Defaults: 4 prompts x 4 samples x 512 tokens per step. Sized so that generation and
   training take similar time on this machine (measured: ~3-4 s vs ~4-5 s on their own), and
-  long enough that the 1 s hand-off polling (below) is not most of a step: 16 rows keep the
+  long enough that the hand-off polling (below) is not most of a step: 16 rows keep the
   hf server's per-token overhead (one Python loop per decode step) comparable to the trainer's
   per-token cost, where 64 rows x 64 tokens made training 3x longer than generation.
   No KL term (no reference forward), checkpoints only at the end.
@@ -46,8 +46,8 @@ How:
 - Steady state: the first ``--skip`` steps (server and trainer warm-up, first weight load)
   and the last step (final checkpoint) are left out. ``--rounds N`` interleaves N sync/async
   pairs and pools their steady steps, for less noise at N times the cost (~4.5 min a pair).
-- Hand-offs go through the filesystem: ``RunStore.wait_for_step`` checks, then sleeps 1.0 s
-  between checks, so a wait that does not succeed at once lasts a whole number of seconds.
+- Hand-offs go through the filesystem: ``RunStore.wait_for_step`` checks, then sleeps a
+  tenth of the time waited so far (20 ms to 1 s), so a hand-off is noticed up to ~10% late.
   The synchronous loop pays two such waits per step (rollouts -> trainer, weights ->
   orchestrator), ``sync_handoff_s`` = mean P - G - T of the sync run; the async loop hides them
   as long as the faster side plus its poll fits inside the slower side.

@@ -133,9 +133,8 @@ def build_engine(model, tc: TrainerConfig, total_updates: int):
         model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, total_updates))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc, sum(p.numel() for p in model.parameters()))
-    )
+    config = deepspeed_config(tc, n_params=sum(p.numel() for p in model.parameters()))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine
 
 

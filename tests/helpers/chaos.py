@@ -39,7 +39,8 @@ def reference_run(out: Path, steps: int) -> RunStore:
     """An uninterrupted deterministic stage of ``steps`` steps: what a trial must end up equal to."""
     done = subprocess.run(submit_argv(out, steps), capture_output=True, text=True, cwd=REPO, timeout=900)
     if done.returncode != 0 or f"stage 1 of run 'tiny' finished: {steps} steps" not in done.stdout:
-        raise RuntimeError(f"reference run failed (exit {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        raise RuntimeError(f"reference run failed (exit {done.returncode}):\n"
+                           f"{done.stdout[-2000:]}{done.stderr[-3000:]}")
     return RunStore(out, "tiny", 1)
 
 
