@@ -51,15 +51,14 @@ def load_causal_lm(source: str, dtype: str, revision: str | None = None):
                                                 use_safetensors=True)
 
 
-def one_thread_if_small(model) -> None:
-    """Compute with one CPU thread when ``model`` is small and runs on CPU, unless
+def one_thread_if_small(model, device) -> None:
+    """Compute with one CPU thread when ``model`` is small and ``device`` is the CPU, unless
     ``OMP_NUM_THREADS`` says otherwise. A small model's matmuls are too small to split, and
     threads that wait for a core another process holds cost far more than they give: on this
     project's 2-core machine two threads made sampling 3-10x slower, and a tiny trainer step
     beside a second stage 30x slower (0.15 s alone, about 5 s)."""
     import torch
 
-    device = next(model.parameters()).device
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         if sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
             torch.set_num_threads(1)

@@ -34,6 +34,6 @@ def reference_stage(tmp_path_factory):
     """One uninterrupted deterministic 4-step tiny stage (local executor), run once per session:
     the run that the resume and fault tests must reproduce bit for bit. Read it; copy its
     ``output_dir`` before changing anything in it."""
-    from tests.helpers.chaos import reference_run
+    from tests.helpers.chaos import REFERENCE_STEPS, reference_run
 
-    return reference_run(tmp_path_factory.mktemp("reference-stage"), 4)
+    return reference_run(tmp_path_factory.mktemp("reference-stage"), REFERENCE_STEPS)

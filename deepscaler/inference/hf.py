@@ -75,7 +75,7 @@ class HFBackend:
                              f"max_position_embeddings ({limit})")
         self.max_model_len = max_model_len
         self.device = next(self.model.parameters()).device
-        one_thread_if_small(self.model)
+        one_thread_if_small(self.model, self.device)
 
     # ------------------------------------------------------------------ sampling
 

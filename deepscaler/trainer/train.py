@@ -61,8 +61,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     source = model_source(cfg)
     tokenizer = load_tokenizer(source, cfg.model.revision)
     model = load_causal_lm(source, dtype, cfg.model.revision)
-    if device.type == "cpu":
-        one_thread_if_small(model)
+    one_thread_if_small(model, device)  # device: where it will compute (it loads on the CPU)
     init_from = None
     prev = previous_stage_checkpoint(cfg, store) if resume_step is None else None
     if prev is not None:

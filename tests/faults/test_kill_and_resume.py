@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.chaos import VICTIMS, run_trial
+from tests.helpers.chaos import REFERENCE_STEPS, VICTIMS, run_trial
 
 pytestmark = pytest.mark.slow
-STEPS = 4
+STEPS = REFERENCE_STEPS
 
 
 @pytest.fixture

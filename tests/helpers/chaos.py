@@ -23,6 +23,8 @@ from deepscaler.store import STABLE, RunStore
 
 REPO = Path(__file__).resolve().parents[2]
 VICTIMS = ("trainer", "orchestrator", "server0")
+# Steps of the session's shared reference stage (the conftest fixture reference_stage).
+REFERENCE_STEPS = 4
 
 
 def submit_argv(out: Path, steps: int, *extra: str) -> list[str]:

@@ -15,10 +15,11 @@ import pytest
 from safetensors.torch import load_file
 
 from deepscaler.store import RunStore
+from tests.helpers.chaos import REFERENCE_STEPS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 4
+STEPS = REFERENCE_STEPS
 
 
 def submit_argv(out: Path, *extra: str, steps: int = STEPS) -> list[str]:
