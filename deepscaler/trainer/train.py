@@ -26,7 +26,8 @@ from deepscaler.stage import first_step as stage_first_step
 from deepscaler.stage import previous_stage_checkpoint, resolve_resume
 from deepscaler.store import RunStore, StoreError
 from deepscaler.trainer.checkpoint import full_model_state, load_checkpoint, load_model_weights, save_checkpoint
-from deepscaler.trainer.engine import all_reduce_sum, build_engine, init_distributed, update, use_bf16
+from deepscaler.trainer.engine import (all_reduce_sum, build_engine, close_distributed, init_distributed, update,
+                                       use_bf16)
 from deepscaler.trainer.packing import oversized, pack, plan_step
 from deepscaler.trainer.weights import publish_weights
 
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        close_distributed()
     return 0
 
 

@@ -103,6 +103,7 @@ def main(mode: str, stage: int, out: str) -> None:
 
     from deepscaler.store import RunStore, save_tensors
     from deepscaler.trainer.checkpoint import load_checkpoint, save_checkpoint
+    from deepscaler.trainer.engine import close_distributed
 
     torch.use_deterministic_algorithms(True)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -146,6 +147,7 @@ def main(mode: str, stage: int, out: str) -> None:
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     torch.distributed.barrier()
+    close_distributed()
 
 
 if __name__ == "__main__":
