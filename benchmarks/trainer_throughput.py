@@ -9,12 +9,9 @@ reference model) on one packed micro-batch per update: a random Qwen2 of the giv
 packed row of ``--tokens`` tokens made of sequences of ``--seq`` tokens (the last one
 shorter), a prompt of 256 tokens each. Steps: ``--warmup`` untimed, then ``--steps`` timed.
 
-MFU = model FLOPs per second / peak. Model FLOPs of one update: 6 N T for the policy's
-forward and backward plus 2 N T for the reference model's forward (N parameters without the
-input embedding, T tokens), plus attention, 12 L d s T over the packed sequences (s = mean
-sequence length; causal attention counts half of 4 L d s^2 per sequence forward, times 3
-with the backward). Activation checkpointing recomputes a forward but is not counted (as in
-the MFU convention of PaLM). Peak: ``--peak-tflops`` (default 989, an H100 SXM's dense bf16;
+MFU = model FLOPs per second / peak (:func:`model_flops`: 6 N T for the policy's forward and
+backward, 2 N T for the reference model's forward, plus causal attention). Activation
+checkpointing recomputes a forward but is not counted (as in the MFU convention of PaLM). Peak: ``--peak-tflops`` (default 989, an H100 SXM's dense bf16;
 on CPU pass the machine's figure or read MFU as meaningless).
 
 Ends with one JSON line per token count: {"shape", "tokens", "tokens_per_s", "step_s",
@@ -37,9 +34,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from deepscaler.model import KNOWN_CONFIGS  # noqa: E402
+
 SHAPES = {
-    "real": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936, max_position_embeddings=131072),
+    "real": {k: v for k, v in KNOWN_CONFIGS["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"].items()
+             if k not in ("model_type", "architectures", "tie_word_embeddings")},
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=1024, vocab_size=32768, max_position_embeddings=32768),
 }
@@ -65,11 +64,19 @@ def packed_rollout(tokens: int, seq: int, vocab: int, prompt: int = 256):
                                   advantages=[r - 0.5 for r in rewards], truncated=[0] * k)
 
 
-def model_flops(model, tokens: int, seq_mean: float) -> float:
-    cfg = model.config
-    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
-    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_mean * tokens
-    return 6 * n * tokens + 2 * n * tokens + attention
+def model_flops(config, seq_lengths: list[int], reference: bool = True) -> float:
+    """Model FLOPs of one update over sequences of ``seq_lengths`` tokens: 6 per matmul
+    parameter per token for the policy's forward and backward (N: every projection and the
+    output layer; embedding lookups are free), and causal attention, whose forward costs
+    2 L d T^2 per sequence (QK^T and AV over half the square), 3x that with the backward. With
+    ``reference``, one more forward for the frozen KL model. Recompute is not counted."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    kv = h // config.num_attention_heads * config.num_key_value_heads
+    n = layers * (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size) + h * config.vocab_size
+    tokens = sum(seq_lengths)
+    attention_forward = 2.0 * layers * h * sum(t * t for t in seq_lengths)
+    flops = 6.0 * n * tokens + 3 * attention_forward
+    return flops + (2.0 * n * tokens + attention_forward if reference else 0.0)
 
 
 def main() -> int:
@@ -79,6 +86,7 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the packed length)")
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--attention", default="auto", help="trainer.attn_implementation (auto, varlen, sdpa, eager, ...)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
@@ -87,6 +95,7 @@ def main() -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from deepscaler.config import TrainerConfig
+    from deepscaler.trainer import attention
     from deepscaler.trainer.engine import build_engine, init_distributed, update
     from deepscaler.trainer.packing import pack
 
@@ -109,9 +118,13 @@ def main() -> int:
     ref = Qwen2ForCausalLM(Qwen2Config(**SHAPES[shape], tie_word_embeddings=False)).to(device=device, dtype=dtype)
     ref.load_state_dict(model.state_dict())
     ref.eval().requires_grad_(False)
+    tc.attn_implementation = args.attention
+    for m in (model, ref):
+        m.set_attn_implementation(attention.resolve(tc.attn_implementation, device))
     engine = build_engine(model, tc, total_updates=10**6)
     params = sum(p.numel() for p in model.parameters())
     print(f"{shape} shape: {params / 1e9:.3f} B parameters, {device}, {dtype}, ZeRO-{args.zero_stage}, "
+          f"attention {model.config._attn_implementation}, "
           f"activation checkpointing {'on' if tc.deepspeed.activation_checkpointing else 'off'}", flush=True)
 
     for tokens in token_counts:
@@ -133,12 +146,13 @@ def main() -> int:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         step_s = statistics.median(times)
-        flops = model_flops(engine.module, tokens, statistics.mean(rollout.seq_lengths))
+        flops = model_flops(engine.module.config, list(rollout.seq_lengths))
         # GPU: the allocator's peak; CPU: the process's peak resident memory (KiB on Linux).
         peak_gib = (torch.cuda.max_memory_allocated() if gpu
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
         result = {
             "shape": shape, "params": params, "tokens": tokens, "seq": seq, "zero_stage": args.zero_stage,
+            "attention": model.config._attn_implementation,
             "activation_checkpointing": tc.deepspeed.activation_checkpointing,
             "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
             "tflops": round(flops / step_s / 1e12, 2), "mfu": round(flops / step_s / (args.peak_tflops * 1e12), 4),

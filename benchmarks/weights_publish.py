@@ -44,9 +44,10 @@ from pathlib import Path
 
 import torch
 
-REAL_SHAPE = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                  intermediate_size=8960, vocab_size=151936, rope_theta=10000.0, max_position_embeddings=131072,
-                  rms_norm_eps=1e-6)
+from deepscaler.model import KNOWN_CONFIGS
+
+REAL_SHAPE = {k: v for k, v in KNOWN_CONFIGS["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"].items()
+              if k not in ("model_type", "architectures", "tie_word_embeddings", "bos_token_id", "eos_token_id")}
 SMALL_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=1024, vocab_size=32768, rope_theta=10000.0, max_position_embeddings=4096,
                    rms_norm_eps=1e-6)

@@ -184,6 +184,12 @@ class TrainerConfig:
     ppo_epochs: int = 1
     # Token budget of one packed micro-batch on one rank.
     micro_batch_tokens: int = 32768
+    # Attention kernel of the packed rows (docs/cluster.md): auto picks flash_attention_2 when
+    # flash-attn imports on CUDA, else varlen (PyTorch's own varlen kernel; per-sequence SDPA on CPU).
+    attn_implementation: Literal["auto", "varlen", "flash_attention_2", "sdpa", "eager", "flex_attention"] = "auto"
+    # Tokens per chunk of the vocabulary projection and its log-softmax: each chunk briefly
+    # holds about 4 float32 [chunk, vocab] tensors (2048 x 151936: 5 GiB).
+    logits_chunk_tokens: int = 2048
     # auto: bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # How long to wait for the orchestrator's next rollouts/step_N before failing.
@@ -628,6 +634,7 @@ def validate(cfg: Config, source: str) -> None:
     need(len(cfg.trainer.optimizer.betas) == 2, "trainer.optimizer.betas", "must have two values")
     need(cfg.trainer.optimizer.lr > 0, "trainer.optimizer.lr", "must be positive")
     need(cfg.trainer.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", "must be 1 or more")
+    need(cfg.trainer.logits_chunk_tokens >= 1, "trainer.logits_chunk_tokens", "must be 1 or more")
     for name in ("inference", "trainer"):
         res: ComponentResources = getattr(cfg.slurm, name)
         need(res.nodes >= 1, f"slurm.{name}.nodes", "must be 1 or more")
@@ -694,6 +701,18 @@ def apply_process_settings(cfg: Config, *, job: bool = True) -> None:
     os.umask(umask_bits(cfg.run.umask))
     if job and cfg.run.hub_offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, and no more than Slurm allocated to the
+    task (``SLURM_CPUS_PER_TASK``, which srun sets from the step's ``--cpus-per-task``): a
+    cluster without CPU binding (task/none) does not shrink the mask. Sizes the reward pool."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, min(cpus, int(slurm)) if slurm.isdigit() else cpus)
 
 
 def _valid_time(text: str) -> bool:

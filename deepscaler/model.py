@@ -30,6 +30,41 @@ def model_source(cfg: Config) -> str:
     return cfg.model.name if repo is None else str(model_snapshot(cfg, repo))
 
 
+# config.json of the recipe's model on the Hub (the fields that set its shape and numerics),
+# so the planner and benchmarks/gpu_check.py know it without the Hub or the weights.
+KNOWN_CONFIGS = {
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": {
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 1536, "num_hidden_layers": 28,
+        "num_attention_heads": 12, "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
+        "max_position_embeddings": 131072, "rope_theta": 10000, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "bos_token_id": 151646, "eos_token_id": 151643, "torch_dtype": "bfloat16",
+    },
+}
+
+
+def model_config(cfg: Config):
+    """The transformers config of ``cfg.model`` without loading weights: the tiny preset's
+    shape, a local folder's or the prefetched cache's config.json, else the copy above.
+    ConfigError when none is at hand."""
+    from transformers import AutoConfig
+
+    from deepscaler.config import ConfigError
+
+    if cfg.model.name == "tiny":
+        from deepscaler.tiny import model_config as tiny_config
+
+        return tiny_config(cfg.model.tiny)
+    try:
+        return AutoConfig.from_pretrained(model_source(cfg), revision=cfg.model.revision)
+    except Exception:  # not prefetched, no network: the recorded shape, if known
+        known = KNOWN_CONFIGS.get(cfg.model.name)
+        if known is None:
+            raise ConfigError(f"key 'model.name': no config.json for {cfg.model.name!r} here; fetch it with "
+                              f"python -m deepscaler.prefetch") from None
+        known = dict(known)
+        return AutoConfig.for_model(known.pop("model_type"), **known)
+
+
 def cache_dir(cfg: Config) -> Path:
     """Downloads and built models live on the shared filesystem, beside the runs."""
     return Path(cfg.data.cache_dir or os.path.join(cfg.run.output_dir, "cache"))
@@ -41,14 +76,17 @@ def load_tokenizer(source: str, revision: str | None = None):
     return AutoTokenizer.from_pretrained(source, revision=revision)
 
 
-def load_causal_lm(source: str, dtype: str, revision: str | None = None):
-    """The model in ``dtype`` on CPU; the caller moves it (DeepSpeed does for the trainer)."""
+def load_causal_lm(source: str, dtype: str, revision: str | None = None, attn_implementation: str | None = None):
+    """The model in ``dtype`` on CPU; the caller moves it (DeepSpeed does for the trainer).
+    ``attn_implementation``: transformers' name (``trainer/attention.py`` resolves the
+    trainer's); None: transformers' default (sdpa)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     # use_safetensors: never unpickle a *.bin from the shared filesystem.
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=getattr(torch, DTYPES[dtype]),
-                                                use_safetensors=True)
+                                                use_safetensors=True, **extra)
 
 
 def one_thread_if_small(model, device) -> None:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from deepscaler.config import (Config, ConfigError, apply_process_settings, load_config_args, process_parser,
-                               server_names)
+                               server_names, usable_cpus)
 from deepscaler.data import DataError, build_prompts, load_problems
 from deepscaler.inference.client import (
     InferenceClient,
@@ -82,6 +82,7 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
 
     # ------------------------------------------------------------------ the loop
     with BatchScorer(cfg.orchestrator.reward.workers or None, cfg.orchestrator.reward.deadline_s) as scorer:
+        log.info("reward pool of %d worker(s); %d usable CPU(s)", scorer.num_workers, usable_cpus())
         while step < last:
             t0 = time.perf_counter()
             # Sample with weights at most async_level steps old: wait for them, load them.

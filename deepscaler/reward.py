@@ -47,6 +47,7 @@ from typing import Any, Iterable, Sequence
 
 from math_verify import parse, verify
 
+from deepscaler.config import usable_cpus
 from deepscaler.data import normalize_answers
 
 log = logging.getLogger("deepscaler.reward")
@@ -435,17 +436,6 @@ def _stop_all(workers: list[_Worker]) -> None:
             w.stop(force=False)
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
-
-
-def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, and no more than Slurm allocated to the
-    task (``SLURM_CPUS_PER_TASK``; without cgroups Slurm does not shrink the mask)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return max(1, min(cpus, int(slurm)) if slurm.isdigit() else cpus)
 
 
 class BatchScorer:

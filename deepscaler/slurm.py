@@ -96,13 +96,19 @@ def component_tasks(cfg: Config, component: str) -> int:
     return max(1, res.gpus_per_node)
 
 
+def cpus_per_task(cfg: Config, component: str) -> int:
+    """CPUs of one task: ``cpus_per_gpu`` for each GPU it drives (a server drives
+    ``tensor_parallel``), or ``cpus_per_gpu`` when the component has no GPUs."""
+    res: ComponentResources = getattr(cfg.slurm, component)
+    gpus = cfg.inference.tensor_parallel if component == "inference" else 1
+    return res.cpus_per_gpu * (gpus if res.gpus_per_node else 1)
+
+
 def _component_lines(cfg: Config, component: str) -> list[str]:
     res: ComponentResources = getattr(cfg.slurm, component)
     s = cfg.slurm
-    gpus_per_task = cfg.inference.tensor_parallel if component == "inference" else 1
     lines = [f"--nodes={res.nodes}", f"--ntasks-per-node={component_tasks(cfg, component)}",
-             f"--cpus-per-task={res.cpus_per_gpu * max(1, gpus_per_task if res.gpus_per_node else 1)}",
-             f"--time={s.time}"]
+             f"--cpus-per-task={cpus_per_task(cfg, component)}", f"--time={s.time}"]
     if res.gpus_per_node:
         lines.append(f"--gpus-per-node={res.gpus_per_node}")
     if res.mem:
@@ -168,24 +174,34 @@ class StageExecutor(submitit.SlurmExecutor):
 
 def job_steps(cfg: Config, run_yaml: Path, resume: str | None) -> dict[str, list[str]]:
     """The stage's processes as job steps: one step runs every server of component 0 (each
-    task names itself ``server<SLURM_PROCID>`` and gets its own GPUs), one runs the trainer
-    ranks of component 1, and the orchestrator shares the trainer's first node (``--overlap``;
-    ``--mem=0`` because the trainer step holds the node's memory). Without hetjobs the servers
-    are a job of their own (:class:`ServersJob`) and the other steps need no ``--het-group``."""
+    task names itself ``server<SLURM_PROCID>``), one runs the trainer ranks of component 1, and
+    the orchestrator shares the trainer's first node (``--overlap``; ``--mem=0`` because the
+    trainer step holds the node's memory). Without hetjobs the servers are a job of their own
+    (:class:`ServersJob`) and the other steps need no ``--het-group``.
+
+    Every step says ``--cpus-per-task``: srun of Slurm 22.05-23.02 does not inherit it from
+    sbatch, and a task would get one CPU. GPUs (docs/cluster.md, "GPU binding"): each server
+    task is bound to its own ``tensor_parallel`` GPUs (``--gpus-per-task``), so vLLM sees them
+    as cuda:0..TP-1; the trainer's tasks share the node's trainer GPUs (``--gpus-per-node``,
+    ``--gpu-bind=none``) and each rank takes the one at its local rank, so the ranks can
+    reach each other's GPUs for NCCL's peer-to-peer transfers where a cluster constrains
+    devices per task."""
     inf, tr = cfg.slurm.inference, cfg.slurm.trainer
     py, config = sys.executable, ["--config", str(run_yaml)]
     resume_args = ["--resume-step", resume] if resume is not None else []
     step = ["srun", "--unbuffered", "--kill-on-bad-exit=1"]
     group = (lambda k: [f"--het-group={k}"]) if cfg.slurm.hetjob else (lambda k: [])
     server_gpus = [f"--gpus-per-task={cfg.inference.tensor_parallel}"] if inf.gpus_per_node else []
-    trainer_gpus = ["--gpus-per-task=1"] if tr.gpus_per_node else []
+    trainer_gpus = [f"--gpus-per-node={tr.gpus_per_node}", "--gpu-bind=none"] if tr.gpus_per_node else []
     commands = {
         "servers": [*step, *group(0), f"--nodes={inf.nodes}", f"--ntasks={len(server_names(cfg))}",
-                    *server_gpus, py, "-m", "deepscaler.inference", *config, "--name", "server{rank}"],
+                    f"--cpus-per-task={cpus_per_task(cfg, 'inference')}", *server_gpus,
+                    py, "-m", "deepscaler.inference", *config, "--name", "server{rank}"],
         "trainer": [*step, *group(1), f"--nodes={tr.nodes}", f"--ntasks-per-node={component_tasks(cfg, 'trainer')}",
-                    *trainer_gpus, py, "-m", "deepscaler.trainer", *config, *resume_args],
-        "orchestrator": [*step, *group(1), "--nodes=1", "--ntasks=1", "--overlap", "--mem=0",
-                         py, "-m", "deepscaler.orchestrator", *config, *resume_args],
+                    f"--cpus-per-task={cpus_per_task(cfg, 'trainer')}", *trainer_gpus,
+                    py, "-m", "deepscaler.trainer", *config, *resume_args],
+        "orchestrator": [*step, *group(1), "--nodes=1", "--ntasks=1", f"--cpus-per-task={cpus_per_task(cfg, 'trainer')}",
+                         "--overlap", "--mem=0", py, "-m", "deepscaler.orchestrator", *config, *resume_args],
     }
     return commands
 
@@ -273,14 +289,23 @@ def _runner_command(folder: Path) -> str:
 
 
 def dry_run_script(cfg: Config, dependency: str | None = None) -> str:
-    """The script(s) a submit would hand to sbatch (``--dry-run``)."""
+    """The script(s) a submit would hand to sbatch (``--dry-run``), then the srun line of
+    every job step the batch job will launch: what a cluster admin wants to read."""
+    from deepscaler.store import RunStore
+
     folder = job_folder(cfg).resolve()
     command = _runner_command(folder)
     if cfg.slurm.hetjob:
-        return render_script(cfg, folder, command, dependency)
-    after = ",".join(x for x in (dependency, "after:<servers job>") if x)
-    return "\n".join([render_script(cfg, folder, command, dependency, ("inference",), f"{job_name(cfg)}-inference"),
-                      render_script(cfg, folder, command, after, ("trainer",))])
+        scripts = [render_script(cfg, folder, command, dependency)]
+    else:
+        after = ",".join(x for x in (dependency, "after:<servers job>") if x)
+        scripts = [render_script(cfg, folder, command, dependency, ("inference",), f"{job_name(cfg)}-inference"),
+                   render_script(cfg, folder, command, after, ("trainer",))]
+    run_yaml = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage).run_yaml.resolve()
+    steps = ["# job steps, started by the batch job" + ("" if cfg.slurm.hetjob else " (servers: by the servers job)")]
+    for name, argv in job_steps(cfg, run_yaml, None).items():
+        steps += [f"# {name}", shlex.join(argv)]
+    return "\n".join(scripts + steps) + "\n"
 
 
 def submit_stages(configs: list[Config], resume: str | None, wait: bool = False) -> int:

@@ -144,12 +144,11 @@ def save_tokenizer(tok: PreTrainedTokenizerFast, directory: str | Path) -> Path:
     return directory
 
 
-def build_model(shape, seed: int = 0):
-    """A randomly initialised Qwen2 of ``shape`` (a ``TinyModelConfig``), seeded, float32."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def model_config(shape):
+    """The transformers config of the tiny model of ``shape`` (a ``TinyModelConfig``)."""
+    from transformers import Qwen2Config
 
-    config = Qwen2Config(
+    return Qwen2Config(
         hidden_size=shape.hidden_size,
         num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads,
@@ -162,9 +161,16 @@ def build_model(shape, seed: int = 0):
         eos_token_id=SPECIAL_TOKENS.index(EOS),
         pad_token_id=SPECIAL_TOKENS.index(EOS),
     )
+
+
+def build_model(shape, seed: int = 0):
+    """A randomly initialised Qwen2 of ``shape`` (a ``TinyModelConfig``), seeded, float32."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
-        return Qwen2ForCausalLM(config).float()
+        return Qwen2ForCausalLM(model_config(shape)).float()
 
 
 def _save_model(model, directory: Path) -> None:

@@ -1,8 +1,12 @@
 """Shared fixtures. Keep this file to fixtures only."""
 
 import json
+import os
 
 import pytest
+import torch
+
+from deepscaler.trainer.engine import free_port
 
 pytest_plugins = ["tests.slurm_cluster"]
 
@@ -37,3 +41,36 @@ def reference_stage(tmp_path_factory):
     from tests.helpers.chaos import REFERENCE_STEPS, reference_run
 
     return reference_run(tmp_path_factory.mktemp("reference-stage"), REFERENCE_STEPS)
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """One gloo rank for the whole session (DeepSpeed needs a process group even alone). Once
+    per session: DeepSpeed keeps a handle on the first group it saw, so a group destroyed and
+    made anew in the same process breaks the next engine."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a 27 s g++ build
+    ours = not torch.distributed.is_initialized()
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if ours:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    if ours:
+        torch.distributed.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def dist(process_group):
+    """The session's gloo rank, in deterministic mode for the module's tests."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was_deterministic)

@@ -41,7 +41,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args, process_parser
+from deepscaler.config import (Config, ConfigError, apply_process_settings, load_config_args, process_parser,
+                               usable_cpus)
 from deepscaler.store import RunStore, StepNotFound, StoreError
 
 log = logging.getLogger("deepscaler.inference")
@@ -433,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                 source, revision = str(folder), None
                 log.info("starting %s backend on weights step %d (%s)", cfg.inference.backend, step, folder)
                 backend = make_backend(cfg, source, revision)
-        log.info("engine ready in %.1f s (max model length %d)", time.perf_counter() - start, backend.max_model_len)
+        log.info("engine ready in %.1f s (max model length %d; %d usable CPU(s))", time.perf_counter() - start,
+                 backend.max_model_len, usable_cpus())
         app = InferenceServer(args.name, store, backend, step, source, cfg.model.dtype)
         bind = args.host or default_host()
         httpd = _HTTPServer((bind, args.port), _Handler)

@@ -17,35 +17,51 @@ import torch.distributed as torch_dist
 from torch.utils.checkpoint import checkpoint
 
 from deepscaler.config import TrainerConfig
-from deepscaler.trainer.loss import grpo_loss, token_log_probs_and_entropy
+from deepscaler.trainer.loss import grpo_loss, token_log_probs, token_log_probs_and_entropy
 
 
 @dataclass(frozen=True)
 class Dist:
     rank: int
     world_size: int
-    local_rank: int
+    local_rank: int  # the process's index on its node (torchrun's LOCAL_RANK, Slurm's SLURM_LOCALID)
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (a single rank's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def init_distributed() -> Dist:
-    """Join the trainer's process group: torchrun's variables, else Slurm's, else a single rank.
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The visible GPU a trainer rank computes on.
 
-    gloo on CPU, nccl on GPU. The rendezvous address must already be in MASTER_ADDR and
-    MASTER_PORT for multi-rank runs (torchrun and the Slurm launcher set them).
+    Under ``srun --gpus-per-task=1`` Slurm binds one GPU to each task (``--gpu-bind=per_task:1``),
+    numbered 0 whatever the task's local rank; under torchrun, or srun with the node's GPUs
+    shared by its tasks (what ``deepscaler.slurm`` asks for), every rank sees them all and takes
+    the one at its local rank. Both work; anything else is a launch error worth one line.
     """
-    import deepspeed
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"trainer rank with local rank {local_rank} sees {visible} GPU(s) "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give each task "
+                       "one GPU, or every task all of the node's GPUs")
 
-    env = os.environ
+
+def resolve_ranks(env: dict, cuda_devices: int) -> Dist:
+    """Rank, world size, local rank and device from torchrun's variables, else Slurm's, else a
+    single rank; ``cuda_devices`` is how many GPUs this process sees (0: CPU). Fills in the
+    variables torch.distributed and DeepSpeed read. LOCAL_RANK is set to the device index:
+    DeepSpeed takes it as one (``set_device(LOCAL_RANK)``, ZeRO-3 partitions on
+    ``cuda:$LOCAL_RANK``), so a task bound to one GPU must say 0 there."""
     if "RANK" not in env and "SLURM_PROCID" in env:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env.get("SLURM_NTASKS", "1")
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
@@ -54,14 +70,30 @@ def init_distributed() -> Dist:
     env.setdefault("LOCAL_RANK", "0")
     if env["WORLD_SIZE"] == "1":
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(env["LOCAL_RANK"])
+    device = torch.device("cpu")
+    if cuda_devices:
+        device = torch.device("cuda", cuda_device_index(local_rank, cuda_devices))
+        env["LOCAL_RANK"] = str(device.index)
+    return Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank, device)
+
+
+def init_distributed() -> Dist:
+    """Join the trainer's process group (gloo on CPU, nccl on GPU) on this rank's device.
+
+    The rendezvous address must already be in MASTER_ADDR and MASTER_PORT for multi-rank runs
+    (torchrun and the Slurm launcher set them).
+    """
+    import deepspeed
+
+    dist = resolve_ranks(os.environ, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if dist.device.type == "cuda":
+        torch.cuda.set_device(dist.device)  # before the group: NCCL binds its communicator to it
     # DeepSpeed otherwise compiles a shared-memory op with g++ on first use (27 s, CPU only).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    dist = Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if dist.device.type == "cuda" else "gloo")
     return dist
 
 
@@ -131,6 +163,9 @@ def build_engine(model, tc: TrainerConfig, total_updates: int):
 
     if tc.deepspeed.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers checkpoints a layer only in training mode, and from_pretrained returns the
+    # model in eval mode: without this, activation checkpointing is silently off.
+    model.train()
     # The policy's forward must run through ``engine(...)``: DeepSpeed's forward opens the
     # ZeRO backward bookkeeping (ZeRO-3 otherwise overwrites, instead of accumulating, the
     # gradients of every micro-batch but the last). So the engine's module computes what the
@@ -146,21 +181,23 @@ def build_engine(model, tc: TrainerConfig, total_updates: int):
     return engine
 
 
-def packed_log_probs(model, batch, temperature: float, *, entropy: bool, chunk_tokens: int = 4096):
-    """Per-token log-probs of ``batch.targets`` (and entropies) for one packed row.
+def packed_log_probs(model, batch, temperature: float, *, entropy: bool, chunk_tokens: int = 2048):
+    """Per-token log-probs of ``batch.targets`` (and entropies, if asked) for one packed row.
 
-    The body runs on ``position_ids`` that restart per sequence, from which transformers
-    builds a block-diagonal causal mask, so sequences in a row never attend to each other.
-    That detection is skipped when a KV cache is in use, hence ``model_inputs()``'s
-    ``use_cache=False``: without it the whole row silently attends as one sequence.
-    The vocabulary projection runs in checkpointed chunks: a ``[T, V]`` float32 logits tensor
-    for T = 24576 and V = 151936 would take 15 GB.
+    The row's sequence boundaries reach the attention kernel as ``cu_seq_lens`` (varlen
+    kernels) or as restarting ``position_ids`` (sdpa/eager build a block mask from them); see
+    ``trainer/attention.py``. ``use_cache=False`` is required for the latter (packing.py).
+    The vocabulary projection runs in checkpointed chunks of ``chunk_tokens``
+    (``trainer.logits_chunk_tokens``): a ``[T, V]`` float32 logits tensor for T = 24576 and
+    V = 151936 would take 15 GB.
     """
     hidden = model.model(**batch.model_inputs()).last_hidden_state
     head = model.get_output_embeddings()
 
     def chunk(h, targets):
-        return token_log_probs_and_entropy(head(h), targets, temperature)
+        if entropy:
+            return token_log_probs_and_entropy(head(h), targets, temperature)
+        return token_log_probs(head(h), targets, temperature), None
 
     logps, ents = [], []
     for start in range(0, hidden.shape[1], chunk_tokens):
@@ -203,8 +240,9 @@ def update(engine, ref_model, batches, total_loss_tokens: int, tc: TrainerConfig
         ref_logp = None
         if need_ref:
             with torch.no_grad():
-                ref_logp, _ = packed_log_probs(ref_model, batch, temperature, entropy=False)
-        logp, ent = engine(batch, temperature, entropy=True)
+                ref_logp, _ = packed_log_probs(ref_model, batch, temperature, entropy=False,
+                                               chunk_tokens=tc.logits_chunk_tokens)
+        logp, ent = engine(batch, temperature, entropy=True, chunk_tokens=tc.logits_chunk_tokens)
         loss, m = grpo_loss(
             logp,
             batch.behaviour_logp,
@@ -233,6 +271,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum floats over the trainer ranks (identity on one rank)."""
     if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     torch_dist.all_reduce(t)
     return t.tolist()

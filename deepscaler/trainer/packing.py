@@ -6,11 +6,12 @@ Why packing: response lengths in one step range from ~100 to 24k tokens; padding
 longest would waste most of the compute. A packed row concatenates sequences into one
 ``[1, T]`` row whose ``position_ids`` restart at 0 per sequence. transformers'
 ``find_packed_sequence_indices`` (masking_utils) turns those restarts into a block-diagonal
-causal mask for sdpa/eager (and flash-attention uses them as varlen boundaries), so sequences
-never attend to each other. That detection only runs when ``attention_mask is None`` AND
-``past_key_values is None``: the model must be called with ``use_cache=False`` (see
-:meth:`PackedBatch.model_inputs`), otherwise the default ``config.use_cache=True`` makes the
-model create a DynamicCache, the detection is skipped and the row is attended as ONE sequence.
+causal mask for sdpa/eager, so sequences never attend to each other; varlen kernels
+(``trainer/attention.py``) take the boundaries as ``cu_seq_lens`` instead and build no mask.
+The detection only runs when ``attention_mask is None`` AND ``past_key_values is None``: the
+model must be called with ``use_cache=False`` (see :meth:`PackedBatch.model_inputs`),
+otherwise the default ``config.use_cache=True`` makes the model create a DynamicCache, the
+detection is skipped and the row is attended as ONE sequence.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class PackedBatch:
     cu_seqlens: Tensor  # int32 [num_seqs + 1], sequence boundaries in the row (flash-attn varlen style)
     seq_indices: list[int] = field(default_factory=list)
     num_tokens: int = 0  # real tokens packed; 0 for the dummy row of an empty micro-batch
+    max_seqlen: int = 1  # the longest sequence in the row (varlen kernels size their grid with it)
 
     @property
     def num_loss_tokens(self) -> int:
@@ -126,14 +128,19 @@ class PackedBatch:
 
         ``use_cache=False`` is required (module doc): with a cache transformers skips the
         packed-sequence detection and sequences attend across boundaries. No attention_mask,
-        for the same reason.
+        for the same reason. The ``cu_seq_lens``/``max_length`` keywords are transformers'
+        varlen arguments (flash_attention_2 and ``trainer/attention.py`` read them; sdpa and
+        eager ignore them).
         """
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False,
+                "cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                "max_length_q": self.max_seqlen, "max_length_k": self.max_seqlen}
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         moved = {k: getattr(self, k).to(device, non_blocking=True) for k in
                  ("input_ids", "position_ids", "targets", "loss_mask", "behaviour_logp", "advantages", "cu_seqlens")}
-        return PackedBatch(**moved, seq_indices=list(self.seq_indices), num_tokens=self.num_tokens)
+        return PackedBatch(**moved, seq_indices=list(self.seq_indices), num_tokens=self.num_tokens,
+                           max_seqlen=self.max_seqlen)
 
 
 def _dummy() -> PackedBatch:
@@ -176,4 +183,5 @@ def pack(source: Any, indices: Sequence[int]) -> PackedBatch:
         cu_seqlens=torch.cumsum(lengths, 0).to(torch.int32),
         seq_indices=indices,
         num_tokens=int(lengths.sum()),
+        max_seqlen=int(lengths.max()),
     )

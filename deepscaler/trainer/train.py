@@ -18,18 +18,20 @@ import time
 import numpy as np
 import torch
 
-from deepscaler.config import Config, ConfigError, apply_process_settings, load_config_args, process_parser
+from deepscaler.config import (Config, ConfigError, apply_process_settings, load_config_args, process_parser,
+                               usable_cpus)
 from deepscaler.faults import maybe_crash
 from deepscaler.model import load_causal_lm, load_tokenizer, model_source, one_thread_if_small
 from deepscaler.rollouts import mini_batches, read_rollout
 from deepscaler.stage import first_step as stage_first_step
 from deepscaler.stage import previous_stage_checkpoint, resolve_resume
 from deepscaler.store import RunStore, StoreError
-from deepscaler.trainer.checkpoint import full_model_state, load_checkpoint, load_model_weights, save_checkpoint
+from deepscaler.trainer import attention
+from deepscaler.trainer.checkpoint import load_checkpoint, load_model_weights, publish_state, save_checkpoint
 from deepscaler.trainer.engine import (all_reduce_sum, build_engine, close_distributed, init_distributed, update,
                                        use_bf16)
 from deepscaler.trainer.packing import oversized, pack, plan_step
-from deepscaler.trainer.weights import publish_weights
+from deepscaler.trainer.weights import as_dtype, publish_weights
 
 log = logging.getLogger("deepscaler.trainer")
 
@@ -56,13 +58,17 @@ def train(cfg: Config, resume: str | None = None) -> int:
         for path in store.clean_partial("checkpoints") + store.clean_partial("weights"):
             log.warning("removed an unfinished step left by a crash: %s", path)
     resume_step = resolve_resume(store, resume)
-    device = torch.device("cuda", dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = dist.device
     dtype = "bfloat16" if use_bf16(cfg.trainer) else "float32"
 
     source = model_source(cfg)
     tokenizer = load_tokenizer(source, cfg.model.revision)
-    model = load_causal_lm(source, dtype, cfg.model.revision)
+    attn = attention.resolve(cfg.trainer.attn_implementation, device)
+    model = load_causal_lm(source, dtype, cfg.model.revision, attn_implementation=attn)
     one_thread_if_small(model, device)  # device: where it will compute (it loads on the CPU)
+    if dist.is_main:
+        log.info("trainer: %d rank(s), rank 0 on %s, attention %s, %d usable CPU(s)", dist.world_size, device, attn,
+                 usable_cpus())
     init_from = None
     prev = previous_stage_checkpoint(cfg, store) if resume_step is None else None
     if prev is not None:
@@ -143,11 +149,12 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
 
 def publish(store: RunStore, step: int, engine, tokenizer, dtype: str, dist) -> None:
-    """Publish ``weights/step_N`` from rank 0. Collective: under ZeRO-3 every rank holds a
-    shard of the weights, so all ranks take part in gathering them."""
-    state = full_model_state(engine)
+    """Publish ``weights/step_N`` from rank 0, its probe computed on rank 0's device.
+    Collective: under ZeRO-3 every rank holds a shard of the weights, so all ranks take part
+    in gathering them."""
+    state = publish_state(engine, as_dtype(dtype))
     if dist.is_main:
-        publish_weights(store, step, engine.module, tokenizer, dtype=dtype, state_dict=state)
+        publish_weights(store, step, engine.module, tokenizer, dtype=dtype, state_dict=state, probe_device=dist.device)
 
 
 def _frozen_copy(model):

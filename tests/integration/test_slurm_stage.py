@@ -74,13 +74,29 @@ def only_stable_steps(store: RunStore) -> None:
                 assert (d / STABLE).is_file(), f"{d} has no {STABLE} marker"
 
 
+def step_cpus(job_id: str) -> dict[str, int]:
+    """CPUs Slurm gave each job step of a stage, by the module the step ran."""
+    out = subprocess.run(["sacct", "-P", "-n", "-j", job_id, "-o", "AllocCPUS,SubmitLine%500"], capture_output=True,
+                         text=True, env=slurm_env()).stdout
+    return {line.split(" -m ")[1].split()[0]: int(line.split("|")[0])
+            for line in out.splitlines() if "|srun " in line}
+
+
 def test_a_stage_is_one_hetjob_with_two_components(slurm_cluster, tmp_path: Path) -> None:
-    done = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "2", "--wait")
+    # The reward pool sizes itself (workers 0) from the CPUs its step may use.
+    done = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "2", "--wait",
+                  "orchestrator.reward.workers=0")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     store = RunStore(tmp_path, "tiny", 1)
     (job,) = submitted_jobs(store)
     states = sacct(job)
     assert states[f"{job}+0"] == "COMPLETED" and states[f"{job}+1"] == "COMPLETED", states
+    # Each job step holds the CPUs its component asked for (tiny: 1 per task), and each process
+    # sizes itself by them, not by the node (this local cluster binds no CPUs: task/none).
+    assert step_cpus(job) == {"deepscaler.inference": 1, "deepscaler.trainer": 1, "deepscaler.orchestrator": 1}
+    logs = {name: (store.logs_dir / f"{name}.log").read_text() for name in ("servers", "trainer", "orchestrator")}
+    assert "; 1 usable CPU(s))" in logs["servers"] and ", 1 usable CPU(s)" in logs["trainer"]
+    assert "reward pool of 1 worker(s); 1 usable CPU(s)" in logs["orchestrator"]
     assert store.is_stable("weights", 2)
     assert "step 1  reward" in done.stdout  # --wait streamed the progress lines
     squeue_name = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobName"], capture_output=True,

@@ -10,7 +10,6 @@ import enum
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,40 +28,10 @@ from deepscaler.trainer.checkpoint import (
     load_model_weights,
     save_checkpoint,
 )
+from deepscaler.trainer.engine import free_port
 from tests.helpers.ckpt_worker import full_params, make_engine, seed_all, tiny_model, train
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def dist():
-    """One gloo rank for the whole module (DeepSpeed needs a process group even alone)."""
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # else a 27 s g++ build
-    ours = not torch.distributed.is_initialized()
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    if ours:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="gloo")
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(was_deterministic)
-    if ours:
-        torch.distributed.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
@@ -275,7 +244,7 @@ def test_two_ranks_resume_is_bit_identical(dist, tmp_path, stage):
     """Save at world size 2, resume in fresh processes at world size 2: bit-identical."""
 
     def launch(mode: str) -> None:
-        port = str(_free_port())
+        port = str(free_port())
         procs = []
         for rank in range(2):
             env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",

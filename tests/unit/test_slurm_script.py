@@ -64,12 +64,22 @@ def test_paths_and_user_values_are_quoted() -> None:
 def test_job_steps_place_servers_trainer_and_orchestrator() -> None:
     cfg = config("inference.tensor_parallel=2")
     steps = job_commands(cfg, Path("/r/run.yaml"), "latest")
-    assert steps["servers"][:8] == ["srun", "--unbuffered", "--kill-on-bad-exit=1", "--het-group=0", "--nodes=2",
-                                    "--ntasks=8", "--gpus-per-task=2", sys.executable]
+    assert steps["servers"][:9] == ["srun", "--unbuffered", "--kill-on-bad-exit=1", "--het-group=0", "--nodes=2",
+                                    "--ntasks=8", "--cpus-per-task=16", "--gpus-per-task=2", sys.executable]
     assert steps["servers"][-2:] == ["--name", "server{rank}"]
-    assert "--het-group=1" in steps["trainer"] and "--ntasks-per-node=8" in steps["trainer"]
+    assert {"--het-group=1", "--ntasks-per-node=8", "--cpus-per-task=8", "--gpus-per-node=8",
+            "--gpu-bind=none"} <= set(steps["trainer"])
     assert steps["trainer"][-2:] == ["--resume-step", "latest"]
-    assert {"--overlap", "--mem=0", "--het-group=1", "--ntasks=1"} <= set(steps["orchestrator"])
+    assert {"--overlap", "--mem=0", "--het-group=1", "--ntasks=1", "--cpus-per-task=8"} <= set(steps["orchestrator"])
+
+
+def test_every_job_step_asks_for_its_cpus() -> None:
+    """srun of Slurm 22.05-23.02 does not inherit --cpus-per-task from sbatch: a step that does
+    not say it gets one CPU per task."""
+    for overrides in ((), ("slurm.hetjob=false",), ("slurm.trainer.gpus_per_node=0", "slurm.inference.gpus_per_node=0")):
+        cfg = config(*overrides)
+        for name, argv in job_commands(cfg, Path("/r/run.yaml"), None).items():
+            assert any(a.startswith("--cpus-per-task=") for a in argv), (overrides, name)
 
 
 @pytest.mark.parametrize("states,expected", [
@@ -106,6 +116,19 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path: Path) -> None:
     assert out.stdout.count("#SBATCH hetjob") == 2
     assert "--dependency='afterok:<job of stage 1>'" in out.stdout
     assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-hetjob"]])
+def test_dry_run_shows_the_srun_line_of_every_job_step(tmp_path: Path, extra: list[str]) -> None:
+    out = run_submit("--stage", "1", "--executor", "slurm", "--dry-run", "--output-dir", str(tmp_path), *extra)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    steps = {lines[i - 1].removeprefix("# "): line for i, line in enumerate(lines) if line.startswith("srun ")}
+    assert set(steps) == {"servers", "trainer", "orchestrator"}
+    for name, module in (("servers", "deepscaler.inference"), ("trainer", "deepscaler.trainer"),
+                         ("orchestrator", "deepscaler.orchestrator")):
+        assert "--cpus-per-task=8" in steps[name].split() and f"-m {module} --config" in steps[name]
+    assert "--gpus-per-task=1" in steps["servers"] and "--gpus-per-node=4 --gpu-bind=none" in steps["trainer"]
 
 
 def test_missing_sbatch_without_local_executor_is_a_one_line_error(tmp_path: Path) -> None:

@@ -255,9 +255,9 @@ def test_compare_probe_tolerances():
     assert ok and diff == pytest.approx(5e-5)
     ok, diff = compare_probe(exp, [exp[0] + 3e-3] + exp[1:], "float32")
     assert not ok and diff == pytest.approx(3e-3)
-    # bf16: kernel noise of a few e-2 everywhere passes
-    ok, diff = compare_probe(exp, [e - 2e-2 for e in exp], "bfloat16")
-    assert ok and diff == pytest.approx(2e-2)
+    # bf16: kernel noise of a few e-2 everywhere passes (28 layers: 0.019 on average, measured)
+    ok, diff = compare_probe(exp, [e - 5e-2 for e in exp], "bfloat16")
+    assert ok and diff == pytest.approx(5e-2)
     # ... and so does one logit flipping by a bf16 ulp (0.125 at |z| in [16, 32))
     ok, diff = compare_probe(exp * 5, [exp[0] + 0.125] + exp[1:] + exp * 4, "bf16")
     assert ok and diff == pytest.approx(0.125)
@@ -265,10 +265,10 @@ def test_compare_probe_tolerances():
     ok, diff = compare_probe(exp * 10, [exp[0] + 0.6] + exp[1:] + exp * 9, "bfloat16")
     assert not ok and diff == pytest.approx(0.6)
     # a small shift everywhere fails the mean although every token is within its bound
-    ok, diff = compare_probe(exp, [e + 0.1 for e in exp], "bfloat16")
-    assert not ok and diff == pytest.approx(0.1)
+    ok, diff = compare_probe(exp, [e + 0.15 for e in exp], "bfloat16")
+    assert not ok and diff == pytest.approx(0.15)
     # rtol: a low-probability token gets more room than a confident one
-    assert compare_probe([-20.0] * 40, [-20.8] + [-20.0] * 39, "bfloat16")[0]
+    assert compare_probe([-20.0] * 40, [-21.5] + [-20.0] * 39, "bfloat16")[0]
     assert not compare_probe([-0.1] * 40, [-0.9] + [-0.1] * 39, "bfloat16")[0]
     assert compare_probe(exp, exp[:-1], "float32") == (False, float("inf"))
     assert compare_probe([], [], "float32") == (False, float("inf"))
@@ -302,8 +302,10 @@ def test_probe_catches_partial_reload(store, tiny_tokenizer, vocab, dtype):
     fresh = load_tensors(new / "model.safetensors")
     partial = {k: v for k, v in fresh.items() if not k.startswith("model.layers.1.")}
     server.load_state_dict(partial, strict=False)
-    ok, diff = compare_probe(probe["logprobs"], probe_logprobs(server, probe["token_ids"]), dtype)
-    assert not ok and diff > W.PROBE_TOLERANCES[dtype][0]
+    actual = probe_logprobs(server, probe["token_ids"])
+    ok, diff = compare_probe(probe["logprobs"], actual, dtype)
+    mean = sum(abs(a - e) for a, e in zip(actual, probe["logprobs"])) / len(actual)
+    assert not ok and (diff > W.PROBE_TOLERANCES[dtype][0] or mean > W.PROBE_TOLERANCES[dtype][2])
 
     server.load_state_dict(fresh, strict=False)  # the complete reload passes, exactly
     assert compare_probe(probe["logprobs"], probe_logprobs(server, probe["token_ids"]), dtype) == (True, 0.0)
