@@ -5,7 +5,7 @@ one H100/H200; docs/cluster.md).
                                    [--inference auto|skip] [--out DIR] [key=value ...]
 
 Trainer side (imports torch and transformers, nothing else): random weights of the stage's
-model shape (``deepscaler.model.model_config``; no Hub needed), in the trainer's dtype, with
+model shape (``deepscaler.hf_loading.model_config``; no Hub needed), in the trainer's dtype, with
 the stage's activation checkpointing and logits chunking. For each attention kernel that runs
 here and each packed-row length, one micro-batch of the trainer's own code (packed log-probs,
 the GRPO loss, backward) is timed after a warm-up. Reported: tokens/s, MFU (model FLOPs as in
@@ -41,7 +41,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from deepscaler.config import stage_config  # noqa: E402
-from deepscaler.model import model_config  # noqa: E402
+from deepscaler.hf_loading import model_config  # noqa: E402
 from deepscaler.trainer import attention  # noqa: E402
 from deepscaler.trainer.engine import packed_log_probs  # noqa: E402
 from deepscaler.trainer.loss import grpo_loss  # noqa: E402

@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from deepscaler.model import KNOWN_CONFIGS  # noqa: E402
+from deepscaler.hf_loading import KNOWN_CONFIGS  # noqa: E402
 
 SHAPES = {
     "real": {k: v for k, v in KNOWN_CONFIGS["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"].items()

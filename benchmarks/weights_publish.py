@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from deepscaler.model import KNOWN_CONFIGS
+from deepscaler.hf_loading import KNOWN_CONFIGS
 
 REAL_SHAPE = {k: v for k, v in KNOWN_CONFIGS["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"].items()
               if k not in ("model_type", "architectures", "tie_word_embeddings", "bos_token_id", "eos_token_id")}

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
+from deepscaler.process import umask_bits
+from deepscaler.slurm_time import time_seconds, valid_time
+from deepscaler.strict_yaml import ConfigError, apply_override, build, hint, merge, read_file
 
-class ConfigError(ValueError):
-    """A bad config file, key, value or override. The message is one line."""
+__all__ = ["ConfigError"]  # raised by every loader; defined with the generic checker
 
 
 # --------------------------------------------------------------------------- the tree
@@ -213,7 +212,7 @@ class InferenceConfig:
     enable_prefix_caching: bool = True
     # Longest a server may take to come up before the stage fails with its log tail.
     startup_timeout_s: float = 900.0
-    # auto: in-place reload on GPU vLLM, engine restart on CPU (see docs/architecture.md).
+    # auto: in-place reload on GPU vLLM, engine restart on CPU (docs/platform-notes.md).
     weight_update: Literal["auto", "reload", "restart"] = "auto"
 
 
@@ -320,140 +319,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# --------------------------------------------------------------------------- checking
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _hint(word: str, valid: list[str], prefix: str = "") -> str:
-    """' (did you mean 'prefix.closest'?)', or the valid choices when nothing is close."""
-    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.5)
-    if close:
-        return f" (did you mean '{prefix}{close[0]}'?)"
-    return f" (valid: {', '.join(prefix + v for v in valid)})" if valid else ""
-
-
-def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _check(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Return ``value`` checked against ``tp`` (with the few safe coercions YAML needs)."""
-
-    def fail(extra: str = "") -> ConfigError:
-        return ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}{extra}")
-
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise fail()
-        valid = _fields(tp)
-        out = {}
-        for name, sub in value.items():
-            name = str(name)
-            path = f"{key}.{name}" if key else name
-            if name not in valid:
-                prefix = f"{key}." if key else ""
-                raise ConfigError(f"{source}: unknown key '{path}'{_hint(name, list(valid), prefix)}")
-            out[name] = _check(sub, valid[name], path, source)
-        return out
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _check(value, arg, key, source)
-            except ConfigError:
-                pass
-        raise fail()
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value
-        raise fail(_hint(str(value), [str(c) for c in choices]))
-    if origin is list:
-        if not isinstance(value, list):
-            raise fail()
-        (item,) = typing.get_args(tp)
-        return [_check(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise fail()
-        _, item = typing.get_args(tp)
-        return {str(k): _check(v, item, f"{key}.{k}", source) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise fail()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise fail()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise fail()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. slurm.time: 60
-        raise fail()
-    raise TypeError(f"config type {tp!r} of '{key}' is not supported")  # a bug in this module
-
-
-def _build(cls: type, data: dict[str, Any]) -> Any:
-    """Instantiate the dataclass tree from checked, merged plain data."""
-    kwargs = {}
-    for name, tp in _fields(cls).items():
-        if name not in data:
-            continue
-        kwargs[name] = _build_value(tp, data[name])
-    return cls(**kwargs)
-
-
-def _build_value(tp: Any, value: Any) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value)
-    if typing.get_origin(tp) is dict:
-        _, item = typing.get_args(tp)
-        return {k: _build_value(item, v) for k, v in value.items()}
-    return value
-
-
-def _merge(base: dict, top: dict) -> dict:
-    """Deep-merge ``top`` into ``base``; free-form mappings (dict fields) merge per entry."""
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -480,87 +345,7 @@ def find_config(name: str | os.PathLike) -> Path:
     if shipped.is_file():
         return shipped
     known = sorted(x.stem for x in yaml_dir().glob("*.yaml"))
-    raise ConfigError(f"{name}: no such config file{_hint(p.stem, known)}")
-
-
-def _read_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read one YAML file and what it extends, each checked against the schema."""
-    path = path.resolve()
-    if path in seen:
-        chain = " -> ".join(str(p) for p in (*seen, path))
-        raise ConfigError(f"{path}: 'extends' forms a cycle ({chain})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    parents = raw.pop("extends", [])
-    parents = [parents] if isinstance(parents, str) else parents
-    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
-        raise ConfigError(f"{path}: key 'extends' must be a file name or a list of them")
-    merged: dict[str, Any] = {}
-    for parent in parents:
-        parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
-        if not parent_path.is_file():
-            raise ConfigError(f"{path}: key 'extends' names a missing file '{parent}'")
-        merged = _merge(merged, _read_file(parent_path, (*seen, path)))
-    return _merge(merged, _check(raw, Config, "", str(path)))
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``a.b.c=value`` -> (key, value parsed as a YAML scalar/list)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override '{text}': expected key.path=value")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip(), parsed
-
-
-def _apply_override(data: dict[str, Any], text: str) -> dict[str, Any]:
-    key, value = parse_override(text)
-    source = f"override '{text}'"
-    # Walk the schema so the error names the first wrong part of the path.
-    tp: Any = Config
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        path = ".".join(parts[: i + 1])
-        if dataclasses.is_dataclass(tp):
-            valid = _fields(tp)
-            if part not in valid:
-                prefix = ".".join(parts[:i]) + "." if i else ""
-                raise ConfigError(f"{source}: unknown key '{path}'{_hint(part, list(valid), prefix)}")
-            tp = valid[part]
-        elif typing.get_origin(tp) is dict:
-            tp = typing.get_args(tp)[1]
-        else:
-            raise ConfigError(f"{source}: key '{'.'.join(parts[:i])}' has no sub-keys")
-    # A string field keeps the text as typed ("run.name=007" stays "007").
-    if _accepts_str(tp) and isinstance(value, (int, float, bool)):
-        value = text.partition("=")[2].strip()
-    checked = _check(value, tp, key, source)
-    nested: Any = checked
-    for part in reversed(parts):
-        nested = {part: nested}
-    return _merge(data, nested)
-
-
-def _accepts_str(tp: Any) -> bool:
-    if tp is str:
-        return True
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        return str in args and int not in args and float not in args
-    return False
+    raise ConfigError(f"{name}: no such config file{hint(p.stem, known)}")
 
 
 def load_config(files: list[str | os.PathLike] | str | os.PathLike, overrides: list[str] = ()) -> Config:
@@ -568,10 +353,10 @@ def load_config(files: list[str | os.PathLike] | str | os.PathLike, overrides: l
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     data: dict[str, Any] = {}
     for f in files:
-        data = _merge(data, _read_file(find_config(f)))
+        data = merge(data, read_file(find_config(f), Config))
     for text in overrides:
-        data = _apply_override(data, text)
-    cfg = _build(Config, data)
+        data = apply_override(data, text, Config)
+    cfg = build(Config, data)
     validate(cfg, " + ".join([str(f) for f in files] + list(overrides)) or "defaults")
     return cfg
 
@@ -658,7 +443,7 @@ def validate(cfg: Config, source: str) -> None:
     )
     need(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be 1 or more")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be 1 or more")
-    need(_valid_time(cfg.slurm.time), "slurm.time", f"'{cfg.slurm.time}' is not a Slurm time (e.g. 2-00:00:00, 04:00:00, 90)")
+    need(valid_time(cfg.slurm.time), "slurm.time", f"'{cfg.slurm.time}' is not a Slurm time (e.g. 2-00:00:00, 04:00:00, 90)")
     # slurmctld checks limits every 30 s and sends the signal at the first check that finds the
     # time left within signal_delay_s + 30 s: an attempt runs between time - delay - 30 s and
     # time - delay. A limit shorter than that gets its signal at the first check and never trains.
@@ -671,82 +456,13 @@ def validate(cfg: Config, source: str) -> None:
     from deepscaler.data import BENCHMARKS  # light: no heavy imports
 
     for bench, b in cfg.eval.benchmarks.items():
-        need(bench in BENCHMARKS, f"eval.benchmarks.{bench}", f"is not a known benchmark{_hint(bench, list(BENCHMARKS))}")
+        need(bench in BENCHMARKS, f"eval.benchmarks.{bench}", f"is not a known benchmark{hint(bench, list(BENCHMARKS))}")
         need(b.samples >= 1, f"eval.benchmarks.{bench}.samples", "must be 1 or more")
         need(
             b.pass_k is None or 1 <= b.pass_k <= b.samples,
             f"eval.benchmarks.{bench}.pass_k",
             f"must be between 1 and samples ({b.samples})",
         )
-
-
-def umask_bits(text: str) -> int:
-    """``run.umask`` as a number: 3 or 4 octal digits that keep the owner's access and mask
-    the world's write bit. ValueError says why not (YAML reads an unquoted 0027 as 23)."""
-    if not (isinstance(text, str) and 3 <= len(text) <= 4 and all(c in "01234567" for c in text)):
-        raise ValueError(f"must be 3 or 4 octal digits in quotes, e.g. \"0002\" or \"0027\", got {text!r}")
-    bits = int(text, 8)
-    if bits & 0o700:
-        raise ValueError(f"({text}) must not mask the owner's own permissions")
-    if not bits & 0o002:
-        raise ValueError(f"({text}) must mask the world-write bit (files would be world-writable)")
-    return bits
-
-
-def apply_process_settings(cfg: Config, *, job: bool = True) -> None:
-    """What every entry point does once it has its config, before it writes anything: set the
-    run's umask (``run.umask``), and in a job process (``job``: not the login-node commands
-    submit and prefetch) with ``run.hub_offline`` set ``HF_HUB_OFFLINE=1`` for itself and its
-    children, so nothing reaches for the Hub (``deepscaler/prefetch.py``)."""
-    os.umask(umask_bits(cfg.run.umask))
-    if job and cfg.run.hub_offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, and no more than Slurm allocated to the
-    task (``SLURM_CPUS_PER_TASK``, which srun sets from the step's ``--cpus-per-task``): a
-    cluster without CPU binding (task/none) does not shrink the mask. Sizes the reward pool."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return max(1, min(cpus, int(slurm)) if slurm.isdigit() else cpus)
-
-
-def _valid_time(text: str) -> bool:
-    """Slurm's formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
-    days, dash, rest = text.partition("-")
-    if dash:
-        if not days.isdigit() or not rest:
-            return False
-        parts = rest.split(":")
-        return 1 <= len(parts) <= 3 and all(p.isdigit() for p in parts)
-    parts = text.split(":")
-    return 1 <= len(parts) <= 3 and all(p.isdigit() for p in parts)
-
-
-def time_minutes(text: str) -> int:
-    """A Slurm time string in whole minutes (rounded up), e.g. for submitit's timeout_min."""
-    return -(-time_seconds(text) // 60)
-
-
-def time_seconds(text: str) -> int:
-    """A Slurm time string (already validated) in seconds."""
-    days, dash, rest = text.partition("-")
-    if not dash:
-        days, rest = "0", text
-    parts = [int(p) for p in rest.split(":")]
-    if dash:  # D-H, D-H:M, D-H:M:S
-        h, m, s = (parts + [0, 0])[:3]
-    elif len(parts) == 1:  # M
-        h, m, s = 0, parts[0], 0
-    elif len(parts) == 2:  # M:S
-        h, m, s = 0, parts[0], parts[1]
-    else:
-        h, m, s = parts
-    return ((int(days) * 24 + h) * 60 + m) * 60 + s
 
 
 def server_names(cfg: Config) -> list[str]:

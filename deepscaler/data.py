@@ -24,7 +24,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 log = logging.getLogger("deepscaler.data")
 
-# DeepScaleR's instruction, appended to the problem text as is (see DESIGN.md).
+# DeepScaleR's instruction, appended to the problem text as is (docs/reproduction.md).
 PROMPT_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"

@@ -32,8 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from deepscaler.config import (BenchmarkConfig, Config, ConfigError, apply_process_settings, find_config, load_config,
-                               to_yaml)
+from deepscaler.config import find_config, load_config, to_yaml, BenchmarkConfig, Config, ConfigError
+from deepscaler.process import apply_process_settings
 from deepscaler.data import BENCHMARKS, DataError, Problem, build_prompts, load_benchmark
 from deepscaler.evalmetrics import default_pass_k, format_line, summarize
 from deepscaler.report import ReportError
@@ -194,7 +194,7 @@ def evaluate(cfg: Config, store: RunStore, what: int | str, benchmarks: list[str
     """
     from deepscaler.inference.client import ServerError, wait_for_servers
     from deepscaler.launch import TOKEN_ENV, start, stop
-    from deepscaler.model import load_tokenizer, model_source
+    from deepscaler.hf_loading import load_tokenizer, model_source
     from deepscaler.reward import BatchScorer
 
     seed = cfg.eval.seed if seed is None else seed

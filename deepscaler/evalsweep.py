@@ -27,7 +27,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from deepscaler.config import Config, apply_process_settings, time_minutes
+from deepscaler.config import Config
+from deepscaler.process import apply_process_settings
+from deepscaler.slurm_time import time_minutes
 from deepscaler.eval import EvalError, eval_config, is_evaluated, label, parse_benchmarks, resolve_run
 from deepscaler.store import BASE_EVAL, RunStore
 

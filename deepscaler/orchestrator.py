@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from deepscaler.config import (Config, ConfigError, apply_process_settings, load_config_args, process_parser,
-                               server_names, usable_cpus)
+from deepscaler.config import load_config_args, process_parser, server_names, Config, ConfigError
+from deepscaler.process import apply_process_settings, usable_cpus
 from deepscaler.data import DataError, build_prompts, load_problems
 from deepscaler.inference.client import (
     InferenceClient,
@@ -32,7 +32,8 @@ from deepscaler.inference.client import (
     sync_weights,
     wait_for_servers,
 )
-from deepscaler.model import cache_dir, load_tokenizer, model_source
+from deepscaler.hf_loading import load_tokenizer, model_source
+from deepscaler.store import cache_dir
 from deepscaler.reward import BatchScorer
 from deepscaler.rollouts import Rollout, read_rollout, write_rollout
 from deepscaler.stage import checkpoint_state, first_step, previous_stage_checkpoint, resolve_resume

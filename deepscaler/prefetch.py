@@ -15,7 +15,7 @@ huggingface_hub's ``snapshot_download``, into ``data.cache_dir`` (default
 
 and the resolved commits are recorded in ``<run>/stage<K>/prefetch.json``. With
 ``run.hub_offline: true`` (the default) every process of a job resolves a Hub id to that
-snapshot folder (:func:`model_snapshot`, called by ``deepscaler.model.model_source``), so the
+snapshot folder (:func:`model_snapshot`, called by ``deepscaler.hf_loading.model_source``), so the
 trainer, the servers, the orchestrator and eval read the same files. ``submit`` checks the
 cache before it submits, and the job checks again when it starts (:func:`require_cache`): a
 missing file is a one-line error naming it and the prefetch command that fixes it.
@@ -36,7 +36,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deepscaler.config import Config, ConfigError, apply_process_settings, stage_config
+from deepscaler.config import Config, ConfigError, stage_config
+from deepscaler.process import apply_process_settings
+from deepscaler.store import cache_dir
 
 PREFETCH_FILE = "prefetch.json"
 # What a model snapshot needs: config, tokenizer and safetensors weights; never pickles (*.bin).
@@ -72,12 +74,6 @@ class HubRepo:
 
 
 # --------------------------------------------------------------------------- what a config needs
-
-
-def cache_dir(cfg: Config) -> Path:
-    from deepscaler.model import cache_dir as model_cache_dir
-
-    return model_cache_dir(cfg)
 
 
 def hub_model(cfg: Config) -> HubRepo | None:

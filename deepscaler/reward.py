@@ -47,7 +47,7 @@ from typing import Any, Iterable, Sequence
 
 from math_verify import parse, verify
 
-from deepscaler.config import usable_cpus
+from deepscaler.process import usable_cpus
 from deepscaler.data import normalize_answers
 
 log = logging.getLogger("deepscaler.reward")

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from deepscaler.errors import is_int
 from deepscaler.store import RunStore, StoreError, atomic_write_json, load_tensors, read_json, save_tensors
 
 TENSOR_FILE = "rollout.safetensors"
@@ -186,10 +187,6 @@ class Rollout:
 # --------------------------------------------------------------------------- validation
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_meta(meta: Any, where: str) -> dict:
     """Checked meta.json content; one-line RolloutError naming ``where`` otherwise."""
     if not isinstance(meta, dict):
@@ -201,14 +198,14 @@ def _check_meta(meta: Any, where: str) -> dict:
     if version != FORMAT_VERSION:
         raise RolloutError(f"{where}: format_version {version!r} is not supported (this reader knows {FORMAT_VERSION})")
     for key in ("step", "weight_step", "num_prompts"):
-        if not _is_int(meta[key]) or meta[key] < 0:
+        if not is_int(meta[key]) or meta[key] < 0:
             raise RolloutError(f"{where}: {key} must be an int >= 0, got {meta[key]!r}")
-    if not _is_int(meta["group_size"]) or meta["group_size"] < 1:
+    if not is_int(meta["group_size"]) or meta["group_size"] < 1:
         raise RolloutError(f"{where}: group_size must be an int >= 1, got {meta['group_size']!r}")
     if meta["weight_step"] > meta["step"]:
         raise RolloutError(f"{where}: weight_step {meta['weight_step']} is newer than step {meta['step']}")
     pids = meta["problem_ids"]
-    if not isinstance(pids, list) or not all(isinstance(p, str) or _is_int(p) for p in pids):
+    if not isinstance(pids, list) or not all(isinstance(p, str) or is_int(p) for p in pids):
         raise RolloutError(f"{where}: problem_ids must be a list of str or int")
     if len(pids) != meta["num_prompts"]:
         raise RolloutError(f"{where}: {len(pids)} problem_ids but num_prompts is {meta['num_prompts']}")
@@ -290,7 +287,7 @@ def write_rollout(store: RunStore, step: int, rollout: Rollout) -> Path:
     if rollout.step != step:
         raise RolloutError(f"rollout for step {rollout.step} cannot be published as step {step}")
     rollout.validate(f"rollout for step {step}")
-    with store.publish("rollouts", step) as tmp:
+    with store.write_step("rollouts", step) as tmp:
         save_tensors(tmp / TENSOR_FILE, rollout.tensors())
         atomic_write_json(tmp / META_FILE, rollout.meta())
     return store.step_path("rollouts", step)
@@ -339,7 +336,7 @@ def mini_batches(rollout: Rollout, n: int) -> list[list[int]]:
     ``num_prompts / n`` prompts go to the first mini-batch (no shuffling: the orchestrator
     already drew prompts in a seeded random order).
     """
-    if not _is_int(n) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"number of mini-batches must be an int >= 1, got {n!r}")
     if rollout.num_prompts % n:
         raise ValueError(f"{rollout.num_prompts} prompts do not split into {n} equal mini-batches")

@@ -32,8 +32,9 @@ from typing import Iterable
 import submitit
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
-from deepscaler.config import (ComponentResources, Config, apply_process_settings, load_config, server_names,
-                               time_minutes)
+from deepscaler.config import load_config, server_names, ComponentResources, Config
+from deepscaler.process import apply_process_settings
+from deepscaler.slurm_time import time_minutes
 
 # sacct states, most telling first: a failed component fails the job, a running one keeps it alive.
 _FAILED = ("NODE_FAIL", "OUT_OF_MEMORY", "FAILED", "TIMEOUT", "CANCELLED", "BOOT_FAIL", "DEADLINE", "PREEMPTED")

@@ -2,7 +2,7 @@
 
 Processes on different nodes (orchestrator, trainer ranks, inference servers, eval tasks)
 exchange data only through ``<output_dir>/<run>/stage<K>/``. Keeping every path and every
-publish/read rule here means a layout change is one edit, and the crash-safety rules
+write/read rule here means a layout change is one edit, and the crash-safety rules
 (write to a temp dir, fsync, rename, then mark STABLE) cannot be forgotten by a caller::
 
     <output_dir>/<run>/stage<K>/
@@ -22,7 +22,7 @@ writer fills ``step_N.tmp-<uuid>``, fsyncs it, renames it to ``step_N`` and then
 JSON manifest (file sizes) so a reader can also detect a partially copied directory.
 
 Each step kind has exactly ONE writer process (orchestrator for rollouts, trainer for
-weights and checkpoints); only that writer may call :meth:`RunStore.publish`,
+weights and checkpoints); only that writer may call :meth:`RunStore.write_step`,
 :meth:`RunStore.clean_partial` and :meth:`RunStore.apply_retention` for the kind.
 
 No pickle anywhere: tensors go through safetensors, everything else through JSON.
@@ -42,6 +42,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+from deepscaler.errors import one_line
 
 STABLE = "STABLE"
 BASE_EVAL = "base"  # evals/base/: the base model (model.name), which is no weights step
@@ -69,7 +70,7 @@ class StepNotFound(StoreError, FileNotFoundError):
 
 
 class StepExists(StoreError, FileExistsError):
-    """Publishing over a STABLE step: published steps are immutable."""
+    """Writing over a STABLE step: written steps are immutable."""
 
 
 class StepCorrupt(StoreError):
@@ -81,7 +82,7 @@ class StepTimeout(StoreError, TimeoutError):
 
 
 class DiskFull(StoreError, OSError):
-    """No space (or quota) left while publishing; nothing half-written remains."""
+    """No space (or quota) left while writing a step; nothing half-written remains."""
 
 
 class CorruptFileError(StoreError, ValueError):
@@ -89,10 +90,6 @@ class CorruptFileError(StoreError, ValueError):
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -119,7 +116,7 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    """fsync every file, then every directory bottom-up, so a rename publishes durable data."""
+    """fsync every file, then every directory bottom-up, so a rename commits durable data."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
             p = Path(dirpath, name)
@@ -143,7 +140,7 @@ def _is_disk_full(err: BaseException) -> bool:
 
 def _disk_full(err: OSError, path: Path) -> "StoreError":
     """A full filesystem (or quota) while writing ``path``, with the free space: one line.
-    The writer's temp files are gone by then; what was published before is untouched."""
+    The writer's temp files are gone by then; what was written before is untouched."""
     try:
         free = f"{shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free / 2**20:.1f} MiB free"
     except OSError:
@@ -253,7 +250,7 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptFileError(f"{path}: not valid JSON ({_one_line(err)})") from None
+        raise CorruptFileError(f"{path}: not valid JSON ({one_line(err)})") from None
 
 
 # --------------------------------------------------------------------------- tensors
@@ -305,7 +302,7 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]
     try:
         return safetensors.torch.load_file(str(path), device=device)
     except Exception as err:  # SafetensorError, or OSError on a short read
-        raise CorruptFileError(f"{path}: corrupt or truncated safetensors file ({_one_line(err)})") from None
+        raise CorruptFileError(f"{path}: corrupt or truncated safetensors file ({one_line(err)})") from None
 
 
 def load_tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -319,10 +316,15 @@ def load_tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safetensors.safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as err:
-        raise CorruptFileError(f"{path}: corrupt or truncated safetensors file ({_one_line(err)})") from None
+        raise CorruptFileError(f"{path}: corrupt or truncated safetensors file ({one_line(err)})") from None
 
 
 # --------------------------------------------------------------------------- retention (pure)
+
+
+def cache_dir(cfg) -> Path:
+    """Downloads and built models live on the shared filesystem, beside the runs."""
+    return Path(cfg.data.cache_dir or os.path.join(cfg.run.output_dir, "cache"))
 
 
 def steps_to_delete(
@@ -358,7 +360,7 @@ class MetricsLog(NamedTuple):
 
 @dataclass(frozen=True)
 class RunStore:
-    """Every path of one stage of one run, plus the publish/read/retention rules.
+    """Every path of one stage of one run, plus the write/read/retention rules.
 
     Constructing a store creates nothing (status tools and login-node readers must not
     create directories); writers call :meth:`ensure_dirs`.
@@ -520,16 +522,16 @@ class RunStore:
     # ---------------------------------------------------------------- writers
 
     @contextlib.contextmanager
-    def publish(self, kind: str, step: int) -> Iterator[Path]:
+    def write_step(self, kind: str, step: int) -> Iterator[Path]:
         """Fill the yielded temp dir; on clean exit it becomes ``step_N`` with a STABLE marker.
 
         If the body raises, the temp dir is removed and no ``step_N`` appears. Publishing over a
-        STABLE step is refused (published steps are immutable; a reader may be loading it). An
+        STABLE step is refused (written steps are immutable; a reader may be loading it). An
         unmarked ``step_N`` (crash between rename and marker) is replaced.
         """
         final = self.step_path(kind, step)
         if (final / STABLE).is_file():
-            raise StepExists(f"refusing to publish {final}: it is already STABLE (published steps are immutable)")
+            raise StepExists(f"refusing to write {final}: it is already STABLE (written steps are immutable)")
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}")
         tmp.mkdir()
@@ -544,7 +546,7 @@ class RunStore:
                     files[p.relative_to(tmp).as_posix()] = p.stat().st_size
             _fsync_tree(tmp)
             if (final / STABLE).is_file():  # re-check: the body may have run for a long time
-                raise StepExists(f"refusing to publish {final}: it became STABLE while writing")
+                raise StepExists(f"refusing to write {final}: it became STABLE while writing")
             if final.exists():  # unmarked leftover of a crash between rename and marker
                 trash = final.with_name(f"{final.name}.tmp-stale-{uuid.uuid4().hex[:12]}")
                 os.rename(final, trash)
@@ -574,7 +576,7 @@ class RunStore:
             return removed
         for e in sorted(entries, key=lambda e: e.name):
             path = Path(e.path)
-            # An unmarked step_N of any type goes: even a stray file of that name blocks publishing.
+            # An unmarked step_N of any type goes: even a stray file of that name blocks writing it.
             if _TMP_RE.match(e.name) or (_STEP_RE.match(e.name) and not (path / STABLE).is_file()):
                 _remove(path)
                 removed.append(path)
@@ -694,7 +696,7 @@ class RunStore:
     def delete_steps(self, kind: str, steps: Iterable[int]) -> list[int]:
         """Delete these stable steps (the kind's single writer only), returning those deleted.
 
-        For a writer that resumes from an earlier step (what it published after that is about
+        For a writer that resumes from an earlier step (what it wrote after that is about
         to be recomputed) or drops consumed steps. Leases are ignored: a reader still loading
         such a step fails loudly, never half-way.
         """
@@ -707,7 +709,7 @@ class RunStore:
 
     def eval_dir(self, step: int | str) -> Path:
         """``evals/step_N`` for a weights step, ``evals/base`` for the base model (``model.name``,
-        which is no published step)."""
+        which is no written step)."""
         if step == BASE_EVAL:
             return self.evals_dir / BASE_EVAL
         return self.evals_dir / f"step_{_check_step(step)}"

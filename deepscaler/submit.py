@@ -14,7 +14,8 @@ import argparse
 import shutil
 import sys
 
-from deepscaler.config import Config, ConfigError, apply_process_settings, stage_config, to_yaml
+from deepscaler.config import stage_config, to_yaml, Config, ConfigError
+from deepscaler.process import apply_process_settings
 from deepscaler.data import DataError
 from deepscaler.store import RunStore, StoreError
 

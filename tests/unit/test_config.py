@@ -7,16 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deepscaler.config import (
-    Config,
-    ConfigError,
-    find_config,
-    load_config,
-    stage_config,
-    time_minutes,
-    to_yaml,
-    yaml_dir,
-)
+from deepscaler.config import find_config, load_config, stage_config, to_yaml, yaml_dir, Config, ConfigError
+from deepscaler.slurm_time import time_minutes
 
 YAML_DIR = Path(__file__).resolve().parents[2] / "yaml"
 SHIPPED = sorted(YAML_DIR.glob("*.yaml"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deepscaler.config import TrainerConfig
-from deepscaler.model import load_causal_lm
+from deepscaler.hf_loading import load_causal_lm
 from deepscaler.trainer import engine as engine_mod
 from deepscaler.trainer.checkpoint import full_model_state, publish_state
 from deepscaler.trainer.engine import build_engine, cuda_device_index, resolve_ranks, update

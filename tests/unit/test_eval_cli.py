@@ -26,7 +26,7 @@ def make_run(root: Path, run: str = "tiny", steps=(0, 1, 2), *overrides: str) ->
     store.ensure_dirs()
     store.run_yaml.write_text(to_yaml(cfg))
     for step in steps:
-        with store.publish("weights", step) as tmp:
+        with store.write_step("weights", step) as tmp:
             (tmp / "config.json").write_text("{}")
             (tmp / "model.safetensors").write_bytes(b"\0" * 16)
             (tmp / "probe.json").write_text("{}")

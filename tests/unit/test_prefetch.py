@@ -97,7 +97,8 @@ def test_hub_ids_are_told_from_local_sources(tmp_path):
 def test_a_complete_cache_loads_offline_through_model_source(tmp_path, model_repo, dataset_repo, monkeypatch,
                                                              no_network):
     from deepscaler.data import load_problems
-    from deepscaler.model import cache_dir, load_causal_lm, load_tokenizer, model_source
+    from deepscaler.hf_loading import load_causal_lm, load_tokenizer, model_source
+    from deepscaler.store import cache_dir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = config(tmp_path)
@@ -166,7 +167,7 @@ def test_missing_model_or_dataset(tmp_path, model_repo, dataset_repo):
 
 def test_online_mode_checks_nothing_and_downloads_into_the_cache_dir(tmp_path, model_repo, monkeypatch):
     """run.hub_offline=false: each process fetches what it misses, into data.cache_dir (not ~/.cache)."""
-    from deepscaler.model import model_source
+    from deepscaler.hf_loading import model_source
 
     hub = FakeHub({("model", MODEL): (model_repo, COMMIT)})
     monkeypatch.setattr("huggingface_hub.snapshot_download", hub.snapshot_download)
@@ -318,7 +319,7 @@ def test_the_job_checks_again_at_start_with_the_same_message(tmp_path, model_rep
 
 def test_every_process_fails_on_the_same_message(tmp_path, model_repo, dataset_repo, monkeypatch):
     """Trainer, servers, orchestrator and eval resolve the model through model_source."""
-    from deepscaler.model import model_source
+    from deepscaler.hf_loading import model_source
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = config(tmp_path)

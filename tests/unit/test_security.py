@@ -3,7 +3,7 @@
 - nothing from the shared filesystem is unpickled: the package calls no pickle loader (submitit's
   own job pickles are read by submitit, not by this package);
 - every entry point that writes under the run dir applies ``run.umask`` (and, in jobs,
-  ``HF_HUB_OFFLINE``) through the one helper, ``config.apply_process_settings``;
+  ``HF_HUB_OFFLINE``) through the one helper, ``process.apply_process_settings``;
 - ``run.umask`` is validated;
 - inference servers bind to one address, never a wildcard.
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from deepscaler.config import ConfigError, apply_process_settings, load_config, umask_bits
+from deepscaler.config import load_config, ConfigError
+from deepscaler.process import apply_process_settings, umask_bits
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "deepscaler"
@@ -122,7 +123,7 @@ def test_the_checker_passes_safe_calls(tmp_path):
 
 def test_model_weights_load_only_from_safetensors():
     """A pytorch_model.bin dropped into a model folder is never read (it would be unpickled)."""
-    source = (PACKAGE / "model.py").read_text()
+    source = (PACKAGE / "hf_loading.py").read_text()
     call = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)
                 and _dotted(n.func) == "AutoModelForCausalLM.from_pretrained")
     assert _kw(call, "use_safetensors") is True
@@ -160,7 +161,7 @@ def test_every_entry_point_applies_the_run_settings():
     scripts = _console_scripts()
     assert "deepscaler.prefetch:main" in scripts
     missing = [s for s in scripts if s not in NO_SETTINGS and "apply_process_settings" not in _calls_in(*s.split(":"))]
-    assert not missing, f"entry points that do not call config.apply_process_settings: {missing}"
+    assert not missing, f"entry points that do not call process.apply_process_settings: {missing}"
     assert set(NO_SETTINGS) <= set(scripts)
     # The Slurm job's own entry (submitit's runner calls it), and the eval sweep's submitter.
     assert "apply_process_settings" in _calls_in("deepscaler.slurm", "StageJob.__call__")

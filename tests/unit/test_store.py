@@ -38,7 +38,7 @@ def store(tmp_path: Path) -> RunStore:
 
 def publish_files(store: RunStore, kind: str, step: int, files: dict[str, bytes] | None = None) -> Path:
     files = files if files is not None else {"a.bin": b"x" * 10, "sub/b.json": b"{}"}
-    with store.publish(kind, step) as tmp:
+    with store.write_step(kind, step) as tmp:
         for rel, data in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
@@ -81,7 +81,7 @@ def test_bad_run_or_stage_rejected(tmp_path: Path, run: str, stage: object) -> N
 
 def test_unknown_kind_and_bad_step_rejected(store: RunStore) -> None:
     with pytest.raises(ValueError, match="unknown step kind 'evals'"):
-        with store.publish("evals", 1):
+        with store.write_step("evals", 1):
             pass
     for bad in (-1, 1.0, True, "3"):
         with pytest.raises(ValueError, match="non-negative int"):
@@ -110,7 +110,7 @@ def test_publish_creates_stable_step_with_manifest(store: RunStore) -> None:
 
 def test_publish_body_raises_leaves_nothing(store: RunStore) -> None:
     with pytest.raises(RuntimeError, match="boom"):
-        with store.publish("rollouts", 5) as tmp:
+        with store.write_step("rollouts", 5) as tmp:
             (tmp / "shard0.safetensors").write_bytes(b"partial")
             raise RuntimeError("boom")
     assert not store.step_path("rollouts", 5).exists()
@@ -121,7 +121,7 @@ def test_publish_body_raises_leaves_nothing(store: RunStore) -> None:
 def test_publish_refuses_to_overwrite_stable_step(store: RunStore) -> None:
     publish_files(store, "weights", 1, {"w": b"original"})
     with pytest.raises(StepExists) as info:
-        with store.publish("weights", 1) as tmp:
+        with store.write_step("weights", 1) as tmp:
             (tmp / "w").write_bytes(b"new")
     msg = str(info.value)
     assert "\n" not in msg and "step_1" in msg and "STABLE" in msg
@@ -131,7 +131,7 @@ def test_publish_refuses_to_overwrite_stable_step(store: RunStore) -> None:
 
 def test_publish_refuses_if_step_became_stable_while_writing(store: RunStore) -> None:
     with pytest.raises(StepExists, match="became STABLE while writing"):
-        with store.publish("weights", 1) as tmp:
+        with store.write_step("weights", 1) as tmp:
             (tmp / "w").write_bytes(b"mine")
             publish_files(store, "weights", 1, {"w": b"theirs"})
     assert (store.step_path("weights", 1) / "w").read_bytes() == b"theirs"
@@ -151,7 +151,7 @@ def test_publish_replaces_unmarked_leftover(store: RunStore) -> None:
 
 def test_body_may_not_write_the_marker(store: RunStore) -> None:
     with pytest.raises(ValueError, match="marker is the store's job"):
-        with store.publish("weights", 1) as tmp:
+        with store.write_step("weights", 1) as tmp:
             (tmp / STABLE).write_text("{}")
     assert not store.step_path("weights", 1).exists()
 
@@ -362,7 +362,7 @@ def test_concurrent_reader_never_sees_incomplete_stable_step(store: RunStore) ->
     def writer() -> None:
         try:
             for s in range(n_steps):
-                with store.publish("rollouts", s) as tmp:
+                with store.write_step("rollouts", s) as tmp:
                     for name in names:
                         (tmp / name).write_bytes(content(s, name))
         finally:
@@ -405,7 +405,7 @@ def test_concurrent_retention_never_deletes_a_leased_step(store: RunStore) -> No
     def writer() -> None:
         try:
             for s in range(n_steps):
-                with store.publish("weights", s) as tmp:
+                with store.write_step("weights", s) as tmp:
                     for name in names:
                         (tmp / name).write_bytes(b"w" * (100 + s))
                 store.apply_retention("weights", keep_last=2)

@@ -1,4 +1,5 @@
-"""Where the policy comes from: a Hugging Face id, a local folder, or the tiny preset.
+"""Loading the policy with transformers, from wherever ``model.name`` points: a Hugging Face
+id (its prefetched snapshot), a local folder, or the tiny preset.
 
 Every process (trainer, inference server, eval) resolves ``model.name`` through here, so
 they all load the same weights and tokenizer.
@@ -6,14 +7,10 @@ they all load the same weights and tokenizer.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from deepscaler.config import Config
+from deepscaler.store import cache_dir
 
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
-# Parameters below which a CPU process computes with one thread (see one_thread_if_small).
-SMALL_MODEL = 100_000_000
 
 
 def model_source(cfg: Config) -> str:
@@ -65,11 +62,6 @@ def model_config(cfg: Config):
         return AutoConfig.for_model(known.pop("model_type"), **known)
 
 
-def cache_dir(cfg: Config) -> Path:
-    """Downloads and built models live on the shared filesystem, beside the runs."""
-    return Path(cfg.data.cache_dir or os.path.join(cfg.run.output_dir, "cache"))
-
-
 def load_tokenizer(source: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
@@ -87,16 +79,3 @@ def load_causal_lm(source: str, dtype: str, revision: str | None = None, attn_im
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=getattr(torch, DTYPES[dtype]),
                                                 use_safetensors=True, **extra)
-
-
-def one_thread_if_small(model, device) -> None:
-    """Compute with one CPU thread when ``model`` is small and ``device`` is the CPU, unless
-    ``OMP_NUM_THREADS`` says otherwise. A small model's matmuls are too small to split, and
-    threads that wait for a core another process holds cost far more than they give: on this
-    project's 2-core machine two threads made sampling 3-10x slower, and a tiny trainer step
-    beside a second stage 30x slower (0.15 s alone, about 5 s)."""
-    import torch
-
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        if sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
-            torch.set_num_threads(1)
