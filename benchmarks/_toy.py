@@ -26,7 +26,6 @@ if str(REPO) not in sys.path:
 from deepscaler.data import format_prompt  # noqa: E402
 from deepscaler.reward import compute_score  # noqa: E402
 
-
 # --------------------------------------------------------------------------- the task
 
 

@@ -9,7 +9,7 @@ model shape (``deepscaler.hf_loading.model_config``; no Hub needed), in the trai
 the stage's activation checkpointing and logits chunking. For each attention kernel that runs
 here and each packed-row length, one micro-batch of the trainer's own code (packed log-probs,
 the GRPO loss, backward) is timed after a warm-up. Reported: tokens/s, MFU (model FLOPs as in
-trainer_throughput.py, without the reference forward; no recompute), and the peak of
+deepscaler.plan: the policy forward and backward and the passes without grad; no recompute), and the peak of
 ``torch.cuda.max_memory_allocated`` (weights, gradients and activations; the optimizer
 state, which ZeRO shards across ranks, is not held here).
 
@@ -28,6 +28,7 @@ test (``--device cpu --preset tiny``; tests/unit/test_gpu_check.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -38,45 +39,18 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepscaler.config import stage_config  # noqa: E402
+from deepscaler.config import stage_config, tis_cap  # noqa: E402
 from deepscaler.hf_loading import model_config  # noqa: E402
+from deepscaler.plan import SyntheticRollout, build_model, model_flops, step_forwards, trace_micro_batch  # noqa: E402
 from deepscaler.trainer import attention  # noqa: E402
-from deepscaler.trainer.engine import packed_log_probs  # noqa: E402
-from deepscaler.trainer.loss import grpo_loss  # noqa: E402
+from deepscaler.trainer.engine import micro_batch_loss, packed_log_probs, prepare  # noqa: E402
 from deepscaler.trainer.packing import pack  # noqa: E402
-from deepscaler.trainer.weights import PROBE_TOLERANCES, compare_probe, probe_logprobs  # noqa: E402
-from trainer_throughput import model_flops  # noqa: E402  (benchmarks/, beside this file)
+from deepscaler.weights_format import PROBE_TOLERANCES, compare_probe, probe_logprobs  # noqa: E402
 
 # Dense bf16 peak of one GPU, TFLOP/s (vendor figures, no sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-class Rows:
-    """The flat tensors ``pack`` reads: one sequence per row (a prompt, then its response)."""
-
-    def __init__(self, lengths: list[int], vocab: int, prompt: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.input_ids = torch.randint(0, vocab, (sum(lengths),), generator=g)
-        self.seq_offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-        self.prompt_lengths = [min(prompt, n - 1) for n in lengths]
-        self.behaviour_logprobs = -torch.rand(sum(lengths), generator=g)
-        self.advantages = torch.randn(len(lengths), generator=g)
-
-
-def build_model(config, dtype: torch.dtype, device: torch.device):
-    """A random model of ``config`` made on ``device`` directly in ``dtype``."""
-    from transformers import AutoModelForCausalLM
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            model = AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -93,65 +67,72 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def micro_batch(model, batch, cfg, device) -> None:
-    """One micro-batch of the trainer's update: packed log-probs, GRPO loss, backward."""
-    tc = cfg.trainer
-    logp, ent = packed_log_probs(model, batch, cfg.sampling.temperature, entropy=True,
-                                 chunk_tokens=tc.logits_chunk_tokens)
-    loss, _ = grpo_loss(logp, batch.behaviour_logp, batch.advantages, batch.loss_mask, logp.detach(), ent,
-                        clip_low=tc.loss.clip_ratio_low, clip_high=tc.loss.clip_ratio_high, kl_coef=tc.loss.kl_coef,
-                        kl_type=tc.loss.kl_type, entropy_coef=tc.loss.entropy_coef,
-                        denominator=max(batch.num_loss_tokens, 1))
-    loss.backward()
-
-
 def trainer_side(cfg, config, device, dtype, token_counts, kernels, peak) -> list[dict]:
-    model = build_model(config, dtype, device)
+    """Time one micro-batch of the trainer's code (``prepare``: the reference and old-log-prob
+    passes; ``micro_batch_loss`` and backward) per kernel and row length; beside the GPU's peak memory, the
+    planner's trace of the same micro-batch. Gradients are dropped as they land, as ZeRO
+    reduces them, and as the planner assumes."""
+    policy = build_model(config, dtype, device, "sdpa")
+    reference = build_model(config, dtype, device, "sdpa").eval().requires_grad_(False)
     if cfg.trainer.deepspeed.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    for p in policy.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    forward = functools.partial(packed_log_probs, policy)
     rows = []
     for kernel in kernels:
         try:
-            model.set_attn_implementation(attention.resolve(kernel, device))
-        except (attention.AttentionError, ValueError, ImportError) as e:
+            name = attention.resolve(kernel, device)
+        except attention.AttentionError as e:
             rows.append({"attention": kernel, "error": " ".join(str(e).split())})
             continue
+        for model in (policy, reference):
+            model.set_attn_implementation(name)
         for tokens in token_counts:
-            batch = pack(Rows([tokens], config.vocab_size, cfg.data.max_prompt_tokens), [0]).to(device)
+            batch = pack(SyntheticRollout([tokens], config.vocab_size, cfg.data.max_prompt_tokens), [0]).to(device)
             row = {"attention": kernel, "tokens": tokens}
+
+            def step():
+                prepare(forward, reference, [batch], cfg.trainer, cfg.sampling.temperature, tis_cap(cfg))
+                loss, _ = micro_batch_loss(forward, batch, cfg.trainer, cfg.sampling.temperature, tokens)
+                loss.backward()
+
             try:
-                micro_batch(model, batch, cfg, device)  # warm-up (kernel selection, allocator)
-                model.zero_grad(set_to_none=False)
+                step()  # warm-up (kernel selection, allocator)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 sync(device)
                 t0 = time.perf_counter()
-                micro_batch(model, batch, cfg, device)
+                step()
                 sync(device)
                 seconds = time.perf_counter() - t0
-                flops = model_flops(config, [tokens], reference=False)
+                flops = model_flops(config, [tokens], step_forwards(cfg))
                 row.update(seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1),
                            tflops=round(flops / seconds / 1e12, 1))
                 if peak:
                     row["mfu"] = round(flops / seconds / (peak * 1e12), 3)
                 if device.type == "cuda":
                     row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                    traced = trace_micro_batch(cfg, config, [tokens], dtype=dtype, attn=name)
+                    row["planned_gib"] = round(traced["peak"] / 2**30, 2)
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
-            model.zero_grad(set_to_none=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    del model
+    return rows
+
+
+def free(device: torch.device) -> None:
+    """Give back what the models of a finished side held (the next side needs the GPU)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
 
 
 def probe_side(config, device, dtype, kernel: str) -> dict:
     """Probe spread across kernels and compute dtypes, against compare_probe's tolerance."""
-    model = build_model(config, dtype, device).eval()
+    model = build_model(config, dtype, device, "sdpa").eval()
     ids = torch.randint(0, config.vocab_size, (80,), generator=torch.Generator().manual_seed(1)).tolist()
     name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[str(dtype).removeprefix("torch.")]
     out = {"dtype": name, "tolerance": dict(zip(("atol", "rtol", "mean_tol"), PROBE_TOLERANCES[name]))}
@@ -174,10 +155,6 @@ def probe_side(config, device, dtype, kernel: str) -> dict:
         with torch.no_grad():
             model.lm_head.weight.div_(scale)
     print(json.dumps({"probe": out}), flush=True)
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -187,11 +164,12 @@ def inference_side(cfg, config, device, dtype, workdir: Path) -> dict:
 
     if importlib.util.find_spec("vllm") is None:
         return {"skipped": "vllm does not import here"}
-    from deepscaler.inference.server import GenerateRequest, max_model_len
+    from deepscaler.inference.contract import GenerateRequest, max_model_len
     from deepscaler.inference.vllm_backend import VllmBackend
     from deepscaler.store import RunStore
     from deepscaler.tiny import build_tokenizer
-    from deepscaler.trainer.weights import publish_weights, read_probe
+    from deepscaler.trainer.publisher import publish_weights
+    from deepscaler.weights_format import read_probe
 
     store = RunStore(workdir, "gpu-check", cfg.run.stage)
     store.ensure_dirs()
@@ -199,13 +177,11 @@ def inference_side(cfg, config, device, dtype, workdir: Path) -> dict:
     t0 = time.perf_counter()
     for step in (1, 2):
         torch.manual_seed(step)
-        model = build_model(config, dtype, device)
+        model = build_model(config, dtype, device, "sdpa")
         publish_weights(store, step, model, tokenizer, dtype=dtype, probe_device=device)
         del model
     publish_s = (time.perf_counter() - t0) / 2
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(device)
     result = {"max_model_len": max_model_len(cfg), "publish_s": round(publish_s, 2)}
     t0 = time.perf_counter()
     backend = VllmBackend(cfg, str(store.step_path("weights", 1)))
@@ -257,8 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
                       "torch": torch.__version__, "stage": cfg.run.stage,
                       "checkpointing": cfg.trainer.deepspeed.activation_checkpointing,
                       "auto_attention": attention.resolve("auto", device), "peak_tflops": peak}), flush=True)
-    result = {"trainer": trainer_side(cfg, config, device, dtype, tokens, kernels, peak),
-              "probe": probe_side(config, device, dtype, cfg.trainer.attn_implementation)}
+    result = {"trainer": trainer_side(cfg, config, device, dtype, tokens, kernels, peak)}
+    free(device)
+    result["probe"] = probe_side(config, device, dtype, cfg.trainer.attn_implementation)
+    free(device)
     if args.inference == "auto":
         with tempfile.TemporaryDirectory(dir=args.out) as tmp:
             result["inference"] = inference_side(cfg, config, device, dtype, Path(tmp))

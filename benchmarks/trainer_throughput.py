@@ -5,12 +5,13 @@
 
 It runs the trainer's own code path (``deepscaler.trainer.engine``: DeepSpeed ZeRO from the
 config, activation checkpointing, the chunked log-prob head, the GRPO loss with a frozen
-reference model) on one packed micro-batch per update: a random Qwen2 of the given shape, one
+reference model, the old log-probs) on one packed micro-batch per update: a random Qwen2 of the given shape, one
 packed row of ``--tokens`` tokens made of sequences of ``--seq`` tokens (the last one
 shorter), a prompt of 256 tokens each. Steps: ``--warmup`` untimed, then ``--steps`` timed.
 
-MFU = model FLOPs per second / peak (:func:`model_flops`: 6 N T for the policy's forward and
-backward, 2 N T for the reference model's forward, plus causal attention). Activation
+MFU = model FLOPs per second / peak (``deepscaler.plan.model_flops``: 6 N T for the policy's forward and
+backward, 2 N T for each pass without grad (the reference model's and the old log-probs'), plus
+causal attention). Activation
 checkpointing recomputes a forward but is not counted (as in the MFU convention of PaLM). Peak: ``--peak-tflops`` (default 989, an H100 SXM's dense bf16;
 on CPU pass the machine's figure or read MFU as meaningless).
 
@@ -35,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from deepscaler.hf_loading import KNOWN_CONFIGS  # noqa: E402
+from deepscaler.plan import model_flops  # noqa: E402
 
 SHAPES = {
     "real": {k: v for k, v in KNOWN_CONFIGS["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"].items()
@@ -64,21 +66,6 @@ def packed_rollout(tokens: int, seq: int, vocab: int, prompt: int = 256):
                                   advantages=[r - 0.5 for r in rewards], truncated=[0] * k)
 
 
-def model_flops(config, seq_lengths: list[int], reference: bool = True) -> float:
-    """Model FLOPs of one update over sequences of ``seq_lengths`` tokens: 6 per matmul
-    parameter per token for the policy's forward and backward (N: every projection and the
-    output layer; embedding lookups are free), and causal attention, whose forward costs
-    2 L d T^2 per sequence (QK^T and AV over half the square), 3x that with the backward. With
-    ``reference``, one more forward for the frozen KL model. Recompute is not counted."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    kv = h // config.num_attention_heads * config.num_key_value_heads
-    n = layers * (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size) + h * config.vocab_size
-    tokens = sum(seq_lengths)
-    attention_forward = 2.0 * layers * h * sum(t * t for t in seq_lengths)
-    flops = 6.0 * n * tokens + 3 * attention_forward
-    return flops + (2.0 * n * tokens + attention_forward if reference else 0.0)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: real on GPU, small on CPU")
@@ -96,7 +83,7 @@ def main() -> int:
 
     from deepscaler.config import TrainerConfig
     from deepscaler.trainer import attention
-    from deepscaler.trainer.engine import build_engine, init_distributed, update
+    from deepscaler.trainer.engine import build_engine, init_distributed, prepare, update
     from deepscaler.trainer.packing import pack
 
     gpu = torch.cuda.is_available()
@@ -140,13 +127,14 @@ def main() -> int:
             if gpu:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            update(engine, ref, [batch], loss_tokens, tc, temperature=0.6, world_size=1)
+            prepare(engine, ref, [batch], tc, 0.6, tis_cap=None)  # the step's reference and old-log-prob passes
+            update(engine, [batch], loss_tokens, tc, temperature=0.6, world_size=1)
             if gpu:
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         step_s = statistics.median(times)
-        flops = model_flops(engine.module.config, list(rollout.seq_lengths))
+        flops = model_flops(engine.module.config, list(rollout.seq_lengths), forwards=2)
         # GPU: the allocator's peak; CPU: the process's peak resident memory (KiB on Linux).
         peak_gib = (torch.cuda.max_memory_allocated() if gpu
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30

@@ -4,7 +4,7 @@
 
 Builds a Qwen2ForCausalLM with DeepSeek-R1-Distill-Qwen-1.5B's shape (random weights, built
 directly in bf16: 1.78 B parameters, 3.55 GB), publishes it with
-``deepscaler.trainer.weights.publish_weights`` (safetensors, config, tokenizer, probe.json,
+``deepscaler.trainer.publisher.publish_weights`` (safetensors, config, tokenizer, probe.json,
 fsync, rename, STABLE), then loads it back. The baseline writes the same number of bytes
 sequentially to one file on the same disk (with fsync) and reads it back.
 
@@ -58,7 +58,7 @@ def build_model(shape: dict, dtype=torch.bfloat16):
     """A random Qwen2 allocated directly in ``dtype`` (no float32 copy, no slow default init)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from deepscaler.trainer.weights import _no_init_weights
+    from deepscaler.trainer.publisher import _no_init_weights
 
     config = Qwen2Config(**shape, tie_word_embeddings=False, bos_token_id=3, eos_token_id=0, pad_token_id=0)
     previous = torch.get_default_dtype()
@@ -133,9 +133,10 @@ def main(argv=None) -> dict:
     import safetensors.torch
     from transformers import AutoModelForCausalLM
 
-    import deepscaler.trainer.weights as W
+    import deepscaler.trainer.publisher as P
     from deepscaler.store import RunStore
     from deepscaler.tiny import build_tokenizer
+    from deepscaler.weights_format import verify_weights_dir, weights_files
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     root = Path(args.dir) if args.dir else default_dir()
@@ -160,7 +161,7 @@ def main(argv=None) -> dict:
         timings: dict[str, list[float]] = {k: [] for k in (
             "publish_s", "publish_io_s", "probe_s", "from_pretrained_s", "load_s", "read_s",
             "raw_write_s", "raw_read_s")}
-        real_probe = W.probe_logprobs
+        real_probe = P.probe_logprobs
         cached: dict[str, list[float]] = {}
 
         def timed_probe(*a, **k):
@@ -199,13 +200,13 @@ def main(argv=None) -> dict:
                 timings["raw_read_s"].append(rd)
             for kind in ("publish_s", "publish_io_s"):
                 step = 2 * r + (kind == "publish_io_s")
-                W.probe_logprobs = timed_probe if kind == "publish_s" else (lambda *a, **k: cached["logprobs"])
+                P.probe_logprobs = timed_probe if kind == "publish_s" else (lambda *a, **k: cached["logprobs"])
                 try:
                     t0 = time.perf_counter()
-                    path = W.publish_weights(store, step, model, tokenizer, dtype="bfloat16")
+                    path = P.publish_weights(store, step, model, tokenizer, dtype="bfloat16")
                     timings[kind].append(time.perf_counter() - t0)
                 finally:
-                    W.probe_logprobs = real_probe
+                    P.probe_logprobs = real_probe
                 nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
                 load(path, check=step == 0)
                 print(f"round {r}: {kind.removesuffix('_s')} {timings[kind][-1]:.2f}s"
@@ -214,13 +215,13 @@ def main(argv=None) -> dict:
                       flush=True)
                 if kind == "publish_s":
                     t0 = time.perf_counter()
-                    for f in W.weights_files(path):
+                    for f in weights_files(path):
                         tensors = safetensors.torch.load_file(str(f))
                         read_all(tensors.values(), buf)
                         del tensors
                     timings["read_s"].append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
-                    W.verify_weights_dir(path)
+                    verify_weights_dir(path)
                     verify_s = time.perf_counter() - t0
                 if not (args.keep and r == rounds - 1):
                     shutil.rmtree(path)

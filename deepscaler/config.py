@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from deepscaler.process import umask_bits
-from deepscaler.slurm_time import time_seconds, valid_time
+from deepscaler.slurm.options import time_seconds, valid_time
 from deepscaler.strict_yaml import ConfigError, apply_override, build, hint, merge, read_file
 
 __all__ = ["ConfigError"]  # raised by every loader; defined with the generic checker
@@ -112,8 +112,11 @@ class SamplingConfig:
 
 @dataclass
 class RewardConfig:
-    workers: int = 0  # 0: one per CPU core
+    workers: int = 0  # 0: one per CPU the orchestrator may use
     deadline_s: float = 10.0  # per response; pathological answers score 0
+    # literal: a gold that is an integer is matched only by an integer literal (DeepScaleR's
+    # grader: \frac{80}{2} or 2^{10} for 40 or 1024 scores 0); math_verify: any equal value.
+    integer_answers: Literal["literal", "math_verify"] = "literal"
 
 
 @dataclass
@@ -163,6 +166,20 @@ class LossConfig:
     entropy_coef: float = 0.001
     # Loss aggregation: the mean over every response token of the mini-batch.
     aggregation: Literal["token_mean"] = "token_mean"
+    # The PPO ratio's base: the trainer's own log-probs before the step's first update (the
+    # paper's, verl's compute_log_prob), or the sampler's (no extra forward; the ratio then
+    # starts off 1 where vLLM's kernels and the trainer's disagree). docs/reproduction.md.
+    old_logprobs: Literal["trainer", "inference"] = "trainer"
+    # Truncated importance sampling for samples from other weights or kernels: the cap C of
+    # the weight exp(old - sampler); null: off; auto: off when orchestrator.async_level is 0,
+    # 2.0 otherwise.
+    tis_cap: Union[float, None, Literal["auto"]] = "auto"
+    # token: weight each token min(ratio, C); sequence_mask: drop sequences whose mean token
+    # ratio leaves [1/C, C].
+    tis_mode: Literal["token", "sequence_mask"] = "token"
+    # Dual clip (verl's clip_ratio_c): the loss of a negative-advantage token is at most
+    # -A * c; null: off.
+    clip_ratio_c: Union[float, None] = None
 
 
 @dataclass
@@ -243,7 +260,13 @@ class SlurmConfig:
     constraint: Union[str, None] = None
     # GPUs on one node of the partition; requests above it are refused at submit.
     gpus_per_node_max: int = 8
-    # False: two ordinary jobs started together, for clusters without hetjob support.
+    # Memory of one GPU; submit refuses a stage whose trainer needs more (python -m deepscaler.plan).
+    gpu_memory_gib: float = 80.0
+    # auto: the servers and the trainer as one allocation on one node when they fit on one
+    # (disjoint GPUs per job step); true insists, false never (docs/cluster.md).
+    colocate: Union[bool, Literal["auto"]] = "auto"
+    # When not colocated: false makes two ordinary jobs instead of one heterogeneous job, for
+    # clusters without hetjob support.
     hetjob: bool = True
     # Seconds before the time limit at which the job checkpoints and requeues.
     signal_delay_s: int = 300
@@ -420,6 +443,11 @@ def validate(cfg: Config, source: str) -> None:
     need(cfg.trainer.optimizer.lr > 0, "trainer.optimizer.lr", "must be positive")
     need(cfg.trainer.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", "must be 1 or more")
     need(cfg.trainer.logits_chunk_tokens >= 1, "trainer.logits_chunk_tokens", "must be 1 or more")
+    lc = cfg.trainer.loss
+    need(lc.tis_cap in (None, "auto") or lc.tis_cap >= 1.0, "trainer.loss.tis_cap", "must be 1 or more (or null, auto)")
+    need(lc.clip_ratio_c is None or lc.clip_ratio_c > 1.0, "trainer.loss.clip_ratio_c", "must be more than 1 (or null)")
+    need(tis_cap(cfg) is None or lc.old_logprobs == "trainer", "trainer.loss.tis_cap",
+         "needs trainer.loss.old_logprobs: trainer (the weights compare the trainer's log-probs with the sampler's)")
     for name in ("inference", "trainer"):
         res: ComponentResources = getattr(cfg.slurm, name)
         need(res.nodes >= 1, f"slurm.{name}.nodes", "must be 1 or more")
@@ -428,6 +456,14 @@ def validate(cfg: Config, source: str) -> None:
             f"slurm.{name}.gpus_per_node",
             f"({res.gpus_per_node}) is more than a node has (slurm.gpus_per_node_max={cfg.slurm.gpus_per_node_max})",
         )
+    s_inf, s_tr = cfg.slurm.inference, cfg.slurm.trainer
+    need(
+        cfg.slurm.colocate is not True or (s_inf.nodes == s_tr.nodes == 1
+                                           and s_inf.gpus_per_node + s_tr.gpus_per_node <= cfg.slurm.gpus_per_node_max),
+        "slurm.colocate",
+        f"is true, but the servers ({s_inf.nodes} x {s_inf.gpus_per_node} GPUs) and the trainer ({s_tr.nodes} x "
+        f"{s_tr.gpus_per_node}) do not fit on one node of slurm.gpus_per_node_max={cfg.slurm.gpus_per_node_max} GPUs",
+    )
     tp, inf = cfg.inference.tensor_parallel, cfg.slurm.inference
     need(tp >= 1, "inference.tensor_parallel", "must be 1 or more")
     if inf.gpus_per_node:
@@ -463,6 +499,15 @@ def validate(cfg: Config, source: str) -> None:
             f"eval.benchmarks.{bench}.pass_k",
             f"must be between 1 and samples ({b.samples})",
         )
+
+
+def tis_cap(cfg: Config) -> float | None:
+    """The truncated importance sampling cap in force (``trainer.loss.tis_cap``; auto: 2.0
+    when sampling may run ahead of the weights, else off)."""
+    cap = cfg.trainer.loss.tis_cap
+    if cap == "auto":
+        return 2.0 if cfg.orchestrator.async_level >= 1 else None
+    return cap
 
 
 def server_names(cfg: Config) -> list[str]:

@@ -41,7 +41,8 @@ DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 _METADATA_FILES = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
 # Fields that may carry a record's own stable id, in order of preference.
 _ID_FIELDS = ("unique_id", "id", "idx")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# A Hugging Face repository id: "name" or "owner/name".
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 class DataError(ValueError):
@@ -111,17 +112,6 @@ def normalize_answers(raw: Any) -> tuple[str, ...]:
             forms += [f for f in normalize_answers(item) if f not in forms]
         return tuple(forms)
     return ()
-
-
-def normalize_answer(raw: Any) -> str | None:
-    """The one primary answer string (first accepted form), or None when unusable.
-
-    str -> stripped; 142.0 -> "142"; 0.5 -> "0.5"; ["9.6\\n"] -> "9.6";
-    ["0.01", "0.02"] -> "0.01" (the rest are alternatives, see ``normalize_answers``);
-    None, "", "  ", [] -> None.
-    """
-    forms = normalize_answers(raw)
-    return forms[0] if forms else None
 
 
 # --------------------------------------------------------------------------- records
@@ -341,9 +331,14 @@ def download_dataset(repo_id: str, cache_dir: str | None = None) -> Path:
     return Path(folder)
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` is spelled like a Hugging Face repository id ("name" or "owner/name")."""
+    return bool(_HUB_ID.match(text))
+
+
 def looks_like_repo_id(source: str) -> bool:
     """``org/name`` with no file suffix: a Hub dataset id rather than a mistyped path."""
-    return bool(_REPO_ID.match(source)) and "--" not in source and not source.endswith(DATA_SUFFIXES)
+    return is_hub_id(source) and "/" in source and "--" not in source and not source.endswith(DATA_SUFFIXES)
 
 
 def load_problems(

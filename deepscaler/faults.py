@@ -1,6 +1,8 @@
 """Deliberate crashes at named points, for the fault-injection tests.
 
     DEEPSCALER_FAULT=checkpoint.mid_write@4   # SIGKILL this process while writing checkpoint 4
+    DEEPSCALER_FAULT=reward.worker_hang@G      # a reward worker hangs on an item whose gold is G
+    DEEPSCALER_FAULT=server.logprob_noise@0.3  # servers add N(0, 0.3) to every returned log-prob
 
 SIGKILL, not an exception: it is what the OOM killer and a lost node do, and nothing in
 the process gets a chance to clean up. Unset (always, outside tests), this does nothing.
@@ -14,13 +16,33 @@ import signal
 ENV = "DEEPSCALER_FAULT"
 
 
+def configured() -> str | None:
+    """The fault this process's environment names (``point@key``), to hand to workers that
+    do not read the environment when the fault is armed (a pool's forkserver started earlier)."""
+    return os.environ.get(ENV)
+
+
+def fires(fault: str | None, point: str, *keys: object) -> bool:
+    """Whether ``fault`` names ``point`` at any of ``keys`` (a step, an item's gold...)."""
+    return fault is not None and any(fault == f"{point}@{key}" for key in keys)
+
+
+def armed(point: str) -> str | None:
+    """The key ``DEEPSCALER_FAULT`` gives ``point`` (``point@key``: a number for faults that
+    distort rather than crash), or None."""
+    fault = configured()
+    if fault is None or not fault.startswith(point + "@"):
+        return None
+    return fault[len(point) + 1:]
+
+
 def maybe_crash(point: str, step: int) -> None:
     """Die here if ``DEEPSCALER_FAULT`` names this point and step."""
-    if os.environ.get(ENV) == f"{point}@{step}":
+    if fires(configured(), point, step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fault_active(point: str, step: int) -> bool:
     """True if ``DEEPSCALER_FAULT`` names this point and step: for faults that misbehave
     instead of dying (a server that reports a partial reload as a success)."""
-    return os.environ.get(ENV) == f"{point}@{step}"
+    return fires(configured(), point, step)

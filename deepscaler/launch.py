@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Callable
 
 from deepscaler.config import Config, server_names, to_yaml
+from deepscaler.inference.contract import TOKEN_ENV
 from deepscaler.stage import resolve_resume
-from deepscaler.store import RunStore, atomic_write_text
+from deepscaler.store import LOG_TAIL_LINES, RunStore, atomic_write_text, log_tail
 
-TOKEN_ENV = "DEEPSCALER_SERVER_TOKEN"
 STOP_GRACE_S = 15.0
-LOG_TAIL_LINES = 20
 
 
 class LaunchError(RuntimeError):
@@ -81,11 +80,7 @@ class Child:
     log: Path
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-        except FileNotFoundError:
-            return f"(no log at {self.log})"
-        return f"--- last {len(text)} lines of {self.log} ---\n" + "\n".join(text)
+        return log_tail(self.log, lines)
 
 
 def start(name: str, argv: list[str], store: RunStore, env: dict[str, str]) -> Child:
@@ -127,12 +122,11 @@ def run_stage(cfg: Config, resume: str | None = None, *,
     """Run one stage to its end; raises LaunchError if a process fails.
 
     ``commands`` gives the processes to start: on this machine by default, as ``srun`` job
-    steps inside a Slurm job (``deepscaler.slurm.job_commands``). ``event`` is recorded in
+    steps inside a Slurm job (``deepscaler.slurm.stage_job.job_commands``). ``event`` is recorded in
     metrics.jsonl as this attempt's start (job id, restart count).
     """
-    from deepscaler.progress import Display, MetricsTail
-
     from deepscaler.prefetch import require_cache
+    from deepscaler.progress import Display, MetricsTail
 
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     resolve_resume(store, resume)  # a bad --resume-step fails here, before anything starts

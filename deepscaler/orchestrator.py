@@ -21,24 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from deepscaler.config import load_config_args, process_parser, server_names, Config, ConfigError
-from deepscaler.process import apply_process_settings, usable_cpus
+from deepscaler.advantages import group_advantages
+from deepscaler.config import Config, ConfigError, load_config_args, process_parser, server_names
 from deepscaler.data import DataError, build_prompts, load_problems
-from deepscaler.inference.client import (
-    InferenceClient,
-    Sample,
-    ServerError,
-    log_tail,
-    sync_weights,
-    wait_for_servers,
-)
 from deepscaler.hf_loading import load_tokenizer, model_source
-from deepscaler.store import cache_dir
+from deepscaler.inference.client import InferenceClient, Sample, ServerError, log_tail, sync_weights, wait_for_servers
+from deepscaler.process import apply_process_settings, usable_cpus
 from deepscaler.reward import BatchScorer
 from deepscaler.rollouts import Rollout, read_rollout, write_rollout
 from deepscaler.stage import checkpoint_state, first_step, previous_stage_checkpoint, resolve_resume
-from deepscaler.store import RunStore, StoreError
-from deepscaler.trainer.loss import group_advantages
+from deepscaler.store import RunStore, StoreError, cache_dir
 
 log = logging.getLogger("deepscaler.orchestrator")
 
@@ -82,7 +74,8 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
                           "problems": len(prompts), "prompts_dropped": dropped, "records_skipped": len(skipped)})
 
     # ------------------------------------------------------------------ the loop
-    with BatchScorer(cfg.orchestrator.reward.workers or None, cfg.orchestrator.reward.deadline_s) as scorer:
+    rc = cfg.orchestrator.reward
+    with BatchScorer(rc.workers or None, rc.deadline_s, literal_integers=rc.integer_answers == "literal") as scorer:
         log.info("reward pool of %d worker(s); %d usable CPU(s)", scorer.num_workers, usable_cpus())
         while step < last:
             t0 = time.perf_counter()

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepscaler.config import Config, ConfigError, stage_config
+from deepscaler.data import is_hub_id
 from deepscaler.process import apply_process_settings
 from deepscaler.store import cache_dir
 
@@ -47,7 +48,6 @@ MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "
 TOKENIZER_DATA = ("tokenizer.json", "tokenizer.model", "vocab.json")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 class CacheError(ConfigError):
@@ -79,7 +79,7 @@ class HubRepo:
 def hub_model(cfg: Config) -> HubRepo | None:
     """``model.name`` as a Hub repository; None for ``tiny`` and for local folders."""
     name = cfg.model.name
-    if name == "tiny" or Path(name).expanduser().exists() or not _HUB_ID_RE.match(name):
+    if name == "tiny" or Path(name).expanduser().exists() or not is_hub_id(name):
         return None
     return HubRepo(name, "model", cfg.model.revision)
 
@@ -244,9 +244,9 @@ def _files(snapshot: Path) -> dict[str, int]:
 
 def prefetch(cfg: Config, refresh: bool = False, echo=print) -> Path:
     """Fetch what ``cfg`` needs into the cache, then write ``<run>/stage<K>/prefetch.json``."""
-    from deepscaler.store import RunStore, atomic_write_json, atomic_write_text
-
     import huggingface_hub
+
+    from deepscaler.store import RunStore, atomic_write_json, atomic_write_text
 
     cache = cache_dir(cfg)
     record: dict = {"cache_dir": str(cache.resolve()), "created_unix": time.time(),

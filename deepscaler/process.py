@@ -58,3 +58,10 @@ def one_thread_if_small(model, device) -> None:
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         if sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
             torch.set_num_threads(1)
+
+
+def visible_gpus() -> str:
+    """The GPUs Slurm gave this job step (``SLURM_STEP_GPUS``), else those CUDA may use
+    (``CUDA_VISIBLE_DEVICES``), else "none": each process logs it at start, so the disjoint
+    GPU sets of a colocated stage's steps can be read in the logs."""
+    return os.environ.get("SLURM_STEP_GPUS") or os.environ.get("CUDA_VISIBLE_DEVICES") or "none"

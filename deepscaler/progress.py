@@ -31,6 +31,10 @@ COLUMNS = (  # (title, key, format)
 )
 
 
+# What a progress row takes from the trainer's record of the step.
+TRAINER_KEYS = ("pg_loss", "kl", "entropy", "grad_norm", "tokens_per_s", "mismatch_kl", "first_update_clip_fraction")
+
+
 def step_rows(records: Iterable[dict]) -> list[dict]:
     """{step, orchestrator fields..., trainer fields...} per rollout step, oldest first.
 
@@ -46,7 +50,7 @@ def step_rows(records: Iterable[dict]) -> list[dict]:
         elif r.get("source") == "trainer":
             step = r["step"] - 1  # trained on the rollouts of step N, published weights N+1
             rows.setdefault(step, {"step": step}).update(
-                {k: r[k] for k in ("pg_loss", "kl", "entropy", "grad_norm", "tokens_per_s") if k in r},
+                {k: r[k] for k in TRAINER_KEYS if k in r},
                 train_s=r.get("time_step_s"))
     for row in rows.values():
         times = [t for t in (row.get("sample_s"), row.get("train_s")) if t is not None]

@@ -19,36 +19,33 @@ Semantics (``compute_score(response, ground_truth)``), as in DeepScaleR's ``Rewa
   way (an unreduced ``\\frac{2}{4}`` for gold ``\\frac{1}{2}`` is wrong), because math-verify
   would accept it. Anything that raises while grading counts as 0.
 
-Why a process pool (``BatchScorer``): math-verify bounds its own sympy work with SIGALRM,
-which Python only allows in a process's main thread (from a thread it raises ValueError,
-i.e. every answer that needs math-verify would silently score 0). And its alarm does not stop
-everything: big integer arithmetic such as ``\\boxed{9^{9^{9^9}}}`` runs in C and can hold a
-core for minutes. So the orchestrator and eval score in worker processes, each item under a
-hard deadline: a worker whose current item overruns is SIGKILLed, the item scores 0, a fresh
-worker takes over the rest of its chunk. ``compute_score`` itself refuses to run outside the
-main thread rather than return silent zeros.
+Why a process pool (``BatchScorer``, on ``deepscaler/deadline_pool.py``): math-verify bounds
+its own sympy work with SIGALRM, which Python only allows in a process's main thread (from a
+thread it raises ValueError, i.e. every answer that needs math-verify would silently score
+0). And its alarm does not stop everything: big integer arithmetic such as
+``\\boxed{9^{9^{9^9}}}`` runs in C and can hold a core for minutes. So the orchestrator and
+eval score in worker processes, each item under a hard deadline: a worker whose current item
+overruns is SIGKILLed and the item scores 0. ``compute_score`` itself refuses to run outside
+the main thread rather than return silent zeros.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import multiprocessing
-import multiprocessing.connection
 import os
 import re
 import threading
 import time
-import weakref
-from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Sequence
 
 from math_verify import parse, verify
 
-from deepscaler.process import usable_cpus
+from deepscaler import faults
 from deepscaler.data import normalize_answers
+from deepscaler.deadline_pool import DeadlinePool
+from deepscaler.process import usable_cpus
 
 log = logging.getLogger("deepscaler.reward")
 
@@ -282,15 +279,31 @@ def _as_latex(text: str) -> str:
     return "\\boxed{" + text + "}"
 
 
-def _math_verify_equal(gold: str, answer: str) -> bool:
-    """math-verify's verdict with its default (SIGALRM) timeouts; any failure is False."""
+# math-verify bounds each parse and each comparison by itself (SIGALRM, whole seconds); this is
+# the budget of one compute_score call over all of them, whatever the number of gold forms.
+GRADING_BUDGET_S = 5.0
+_INTEGER_RE = re.compile(r"^-?\d+$")
+
+
+def _math_verify_equal(gold: str, answer: str, deadline: float) -> bool:
+    """math-verify's verdict, its parses and comparison bounded by ``deadline`` (a
+    ``time.monotonic()`` value); any failure, and an exhausted budget, is False."""
+
+    def left() -> int:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        return max(1, int(remaining))  # SIGALRM counts whole seconds
+
     try:
-        return bool(verify(parse(_as_latex(gold)), parse(_as_latex(answer))))
+        g = parse(_as_latex(gold), parsing_timeout=left())
+        a = parse(_as_latex(answer), parsing_timeout=left())
+        return bool(verify(g, a, timeout_seconds=left()))
     except Exception:  # noqa: BLE001 - a grader error is a wrong answer, never a crash
         return False
 
 
-def _matches(answer: str, gold: str) -> bool:
+def _matches(answer: str, gold: str, deadline: float, literal_integers: bool) -> bool:
     a, g = mathd_normalize(answer), mathd_normalize(gold)
     if not a or not g:
         return False
@@ -299,19 +312,27 @@ def _matches(answer: str, gold: str) -> bool:
     fa, fg = _plain_fraction(a), _plain_fraction(g)
     if fa is not None and fg is not None:
         return fa == fg
-    return _math_verify_equal(gold, answer)
+    if literal_integers and _INTEGER_RE.match(g) and not _INTEGER_RE.match(a):
+        return False  # DeepScaleR's rule: an integer answer is written as one (not \frac{80}{2}, 2^{10})
+    return _math_verify_equal(gold, answer, deadline)
 
 
-def grade_answer(answer: str, golds: Iterable[str]) -> bool:
+def grade_answer(answer: str, golds: Iterable[str], *, literal_integers: bool = True,
+                 budget_s: float = GRADING_BUDGET_S) -> bool:
     """True when the extracted answer equals any accepted gold form.
 
     Why two stages: the normalised string match is DeepScaleR's own first check and is ~100x
     cheaper than math-verify, which then handles what spelling cannot (``0.5`` vs ``1/2``,
-    ``\\frac{\\sqrt3}{2}`` vs ``\\frac{1}{2}\\sqrt{3}``, sets, intervals).
+    ``\\frac{\\sqrt3}{2}`` vs ``\\frac{1}{2}\\sqrt{3}``, sets, intervals). ``literal_integers``
+    (``orchestrator.reward.integer_answers: literal``): a gold that is an integer is matched
+    only by an integer literal, as DeepScaleR's grader does, so the model learns to finish the
+    arithmetic; math-verify alone would pay ``\\frac{80}{2}`` or ``2^{10}``. ``budget_s``
+    bounds math-verify's work over all the gold forms together.
     """
+    deadline = time.monotonic() + budget_s
     for gold in golds:
         try:
-            if _matches(answer, gold):
+            if _matches(answer, gold, deadline, literal_integers):
                 return True
         except Exception:  # noqa: BLE001
             continue
@@ -327,11 +348,12 @@ def _require_main_thread() -> None:
         )
 
 
-def compute_score(response: str, ground_truth: Any) -> float:
+def compute_score(response: str, ground_truth: Any, *, literal_integers: bool = True) -> float:
     """DeepScaleR's reward for one response: 1.0 if correct, else 0.0 (see the module doc).
 
-    Pure and deterministic. Must be called from the main thread (RuntimeError otherwise), and
-    a pathological answer can hold it for minutes: batch callers use ``BatchScorer``.
+    Pure and deterministic. Must be called from the main thread (RuntimeError otherwise).
+    math-verify's work is bounded by ``GRADING_BUDGET_S`` over all gold forms, but big-integer
+    arithmetic in C can outlast its alarm: batch callers use ``BatchScorer``, which kills.
     """
     _require_main_thread()
     try:
@@ -339,46 +361,26 @@ def compute_score(response: str, ground_truth: Any) -> float:
         if answer is None:
             return 0.0
         golds = gold_answers(ground_truth)
-        return 1.0 if golds and grade_answer(answer, golds) else 0.0
+        return 1.0 if golds and grade_answer(answer, golds, literal_integers=literal_integers) else 0.0
     except Exception:  # noqa: BLE001
         return 0.0
 
 
-# --------------------------------------------------------------------------- worker pool
-
-# Test hooks (only when a BatchScorer is built with _test_hooks=True): a gold equal to one of
-# these makes the worker die or hang on that item.
-CRASH_SENTINEL = "__deepscaler_reward_test_crash__"
-HANG_SENTINEL = "__deepscaler_reward_test_hang__"
+# --------------------------------------------------------------------------- in worker processes
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, test_hooks: bool) -> None:
-    """Worker loop: receive a chunk [(index, answer, golds)], send (index, score) per item.
+def _grade(answer: str, golds: tuple[str, ...], literal_integers: bool, fault: str | None) -> float:
+    """One item in a pool worker. ``fault``: the ``DEEPSCALER_FAULT`` the scorer was built
+    under (fault tests make a worker die or hang on the item whose gold they name)."""
+    if faults.fires(fault, "reward.worker_crash", *golds):
+        os._exit(3)
+    if faults.fires(fault, "reward.worker_hang", *golds):
+        time.sleep(3600)
+    return 1.0 if grade_answer(answer, golds, literal_integers=literal_integers) else 0.0
 
-    One message per finished item lets the parent know when each item started, so it can
-    enforce a per-item deadline; one message per chunk keeps the parent's sends cheap.
-    """
-    import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    _math_verify_equal("1/2", "0.5")  # warm math-verify's lazy parser set-up
-    while True:
-        try:
-            chunk = conn.recv()
-        except (EOFError, OSError):
-            return
-        if chunk is None:
-            return
-        for index, answer, golds in chunk:
-            if test_hooks and CRASH_SENTINEL in golds:
-                os._exit(3)
-            if test_hooks and HANG_SENTINEL in golds:
-                time.sleep(3600)
-            try:
-                score = 1.0 if grade_answer(answer, golds) else 0.0
-            except Exception:  # noqa: BLE001
-                score = 0.0
-            conn.send((index, score))
+def _warm() -> None:
+    grade_answer("0.5", ["1/2"])  # math-verify's lazy parser set-up, once per worker
 
 
 @dataclass
@@ -393,98 +395,22 @@ class ScorerStats:
     max_item_s: float = 0.0  # slowest item seen by a worker (start to result or kill)
 
 
-@dataclass
-class _Item:
-    index: int
-    answer: str
-    golds: tuple[str, ...]
-    attempt: int = 0
-
-
-class _Worker:
-    __slots__ = ("proc", "conn", "inflight", "started")
-
-    def __init__(self, ctx: Any, test_hooks: bool) -> None:
-        parent_conn, child_conn = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(
-            target=_worker_main, args=(child_conn, test_hooks), name="deepscaler-reward", daemon=True
-        )
-        self.proc.start()
-        child_conn.close()
-        self.conn = parent_conn
-        self.inflight: deque[_Item] = deque()
-        self.started = 0.0
-
-    def stop(self, *, force: bool) -> None:
-        if not force and self.proc.is_alive():
-            try:
-                self.conn.send(None)
-            except (OSError, ValueError):
-                pass
-            self.proc.join(timeout=1.0)
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join(timeout=5.0)
-        self.conn.close()
-        self.proc.close()
-
-
-def _stop_all(workers: list[_Worker]) -> None:
-    while workers:
-        w = workers.pop()
-        try:
-            w.stop(force=False)
-        except Exception:  # noqa: BLE001 - best effort at shutdown
-            pass
-
-
 class BatchScorer:
-    """Scores many (response, ground_truth) pairs in long-lived worker processes.
+    """``compute_score`` of many (response, ground_truth) pairs, in a :class:`DeadlinePool`.
 
-    ``score(pairs)`` returns ``compute_score`` of every pair, in order. Each item gets a hard
-    deadline (``deadline_s``, from the moment its worker starts it): past it the worker is
-    SIGKILLed, the item scores 0 (``stats.timeouts``), and a fresh worker takes the rest of
-    the chunk. A worker that dies by itself (``stats.crashes``) is replaced the same way; the
-    item it was on is retried once, then scores 0. Extraction (``</think>``, the last box)
-    runs in the calling process, so only short answer strings cross the pipes.
-
-    Workers come from multiprocessing's "forkserver" (safe in a process that has threads,
-    and the server preloads this module, so a replacement starts in milliseconds). Use it as a
-    context manager, or call ``close()``: afterwards no worker process is left. (The
-    forkserver and resource-tracker helpers are multiprocessing's own per-interpreter
-    singletons and end with the interpreter.) Concurrent ``score`` calls run one at a time.
+    Extraction (``</think>``, the last box) runs in the calling process, so only short answer
+    strings cross the pipes; an item past ``deadline_s`` scores 0 (``stats.timeouts``), as does
+    one whose worker dies twice. Use it as a context manager, or call ``close()``.
     """
 
-    def __init__(
-        self,
-        workers: int | None = None,
-        deadline_s: float = 10.0,
-        *,
-        chunk_size: int | None = None,
-        _test_hooks: bool = False,
-    ) -> None:
-        if deadline_s <= 0:
-            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
-        self.num_workers = int(workers) if workers else usable_cpus()
-        if self.num_workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        self.deadline_s = float(deadline_s)
-        self.chunk_size = chunk_size
-        self.stats = ScorerStats()
-        self._test_hooks = _test_hooks
-        self._ctx = multiprocessing.get_context("forkserver")
-        # The forkserver imports these once and every worker is a fork of it: no per-worker
-        # imports, and no re-import of the caller's main module (multiprocessing's default
-        # preload, kept). Only takes effect if this interpreter's forkserver is not running yet.
-        self._ctx.set_forkserver_preload(["__main__", __name__])
-        self._workers: list[_Worker] = []
-        self._closed = False
-        self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
-        for _ in range(self.num_workers):
-            self._workers.append(_Worker(self._ctx, self._test_hooks))
-
-    # -- lifecycle
+    def __init__(self, workers: int | None = None, deadline_s: float = 10.0, *, chunk_size: int | None = None,
+                 literal_integers: bool = True) -> None:
+        self.pool = DeadlinePool(_grade, int(workers) if workers else usable_cpus(), deadline_s, failure=0.0,
+                                 warmup=_warm, chunk_size=chunk_size, name="deepscaler-reward")
+        self.num_workers = self.pool.num_workers
+        self.literal_integers = literal_integers
+        self._fault = faults.configured()
+        self._items = 0
 
     def __enter__(self) -> "BatchScorer":
         return self
@@ -493,23 +419,20 @@ class BatchScorer:
         self.close()
 
     def close(self) -> None:
-        """Stop every worker (politely, then SIGKILL) and wait for them."""
-        self._closed = True
-        self._finalizer()
+        self.pool.close()
 
     @property
     def pids(self) -> list[int]:
-        """The current workers' process ids (they change when a worker is replaced)."""
-        return [w.proc.pid for w in self._workers]
+        return self.pool.pids
 
-    # -- scoring
+    @property
+    def stats(self) -> ScorerStats:
+        p = self.pool.stats
+        return ScorerStats(self._items, p.items, p.timeouts, p.crashes, p.respawns, p.max_item_s)
 
     def score(self, pairs: Sequence[tuple[str, Any]]) -> list[float]:
         """``[compute_score(r, gt) for r, gt in pairs]``, in parallel, each item under the deadline."""
-        if self._closed:
-            raise RuntimeError("BatchScorer is closed")
-        results = [0.0] * len(pairs)
-        pending: deque[_Item] = deque()
+        items = []
         for index, (response, ground_truth) in enumerate(pairs):
             try:
                 answer = extract_answer(response)
@@ -517,114 +440,6 @@ class BatchScorer:
             except Exception:  # noqa: BLE001
                 answer, golds = None, ()
             if answer is not None and golds:
-                pending.append(_Item(index, answer, golds))
-        with self._lock:
-            self.stats.items += len(pairs)
-            self.stats.graded += len(pending)
-            if pending:
-                try:
-                    self._run(pending, results)
-                except BaseException:
-                    # Interrupted (Ctrl-C, a bug): results of this batch may still be in the
-                    # pipes, and must not land in the next batch. Start over with fresh workers.
-                    for i, w in enumerate(self._workers):
-                        if w.inflight:
-                            self._replace(i, w)
-                    raise
-        return results
-
-    def _chunk(self, total: int) -> int:
-        if self.chunk_size:
-            return max(1, int(self.chunk_size))
-        # Small, so that few items wait behind a slow one (a chunk is not stolen back) and the
-        # workers finish together; at ~5 ms per item, 8 items still amortise a send.
-        return max(1, min(8, math.ceil(total / (self.num_workers * 8))))
-
-    def _run(self, pending: deque[_Item], results: list[float]) -> None:
-        chunk = self._chunk(len(pending))
-        outstanding = len(pending)
-        while outstanding:
-            now = time.monotonic()
-            for i, w in enumerate(self._workers):
-                if not w.inflight and pending:
-                    if not w.proc.is_alive():  # died while idle: replace it, lose nothing
-                        w = self._replace(i, w)
-                    items = [pending.popleft() for _ in range(min(chunk, len(pending)))]
-                    w.inflight.extend(items)
-                    w.started = now
-                    try:
-                        w.conn.send([(it.index, it.answer, it.golds) for it in items])
-                    except (OSError, ValueError):
-                        pass  # its sentinel reports the death below
-            busy = [w for w in self._workers if w.inflight]
-            wait_s = max(0.0, min(w.started for w in busy) + self.deadline_s - now)
-            handles: list[Any] = [w.conn for w in busy] + [w.proc.sentinel for w in busy]
-            ready = set(multiprocessing.connection.wait(handles, timeout=wait_s))
-            for w in busy:
-                if w.conn in ready or w.proc.sentinel in ready:
-                    outstanding -= self._drain(w, results)
-            now = time.monotonic()
-            for i, w in enumerate(list(self._workers)):
-                if not w.inflight:
-                    continue
-                if w.proc.sentinel in ready or not w.proc.is_alive():
-                    outstanding -= self._drain(w, results)  # what it sent before dying
-                    if w.inflight:
-                        outstanding -= self._fail(i, w, results, pending, timed_out=False)
-                elif now - w.started >= self.deadline_s:
-                    finished = self._drain(w, results)  # a result may have just arrived
-                    outstanding -= finished
-                    if not finished and w.inflight:
-                        outstanding -= self._fail(i, w, results, pending, timed_out=True)
-
-    def _drain(self, w: _Worker, results: list[float]) -> int:
-        """Take every result the worker has sent; return how many items finished."""
-        done = 0
-        try:
-            while w.inflight and w.conn.poll():
-                index, score = w.conn.recv()
-                item = w.inflight.popleft()
-                if item.index != index:  # cannot happen: a worker answers in order
-                    raise RuntimeError(f"reward worker answered item {index}, expected {item.index}")
-                results[index] = float(score)
-                now = time.monotonic()
-                self.stats.max_item_s = max(self.stats.max_item_s, now - w.started)
-                w.started = now
-                done += 1
-        except (EOFError, OSError):
-            pass  # dead: the caller sees it through the sentinel
-        return done
-
-    def _fail(self, i: int, w: _Worker, results: list[float], pending: deque[_Item], *, timed_out: bool) -> int:
-        """Kill/replace worker ``i``; settle its current item; requeue the rest of its chunk.
-        Returns how many items were settled (0 or 1)."""
-        item = w.inflight.popleft()
-        rest = list(w.inflight)
-        w.inflight.clear()
-        elapsed = time.monotonic() - w.started
-        self.stats.max_item_s = max(self.stats.max_item_s, elapsed)
-        settled = 1
-        if timed_out:
-            self.stats.timeouts += 1
-            log.warning("reward item %d passed its %.1f s deadline; scored 0", item.index, self.deadline_s)
-            results[item.index] = 0.0
-        else:
-            self.stats.crashes += 1
-            code = w.proc.exitcode
-            if item.attempt < 1:
-                log.warning("reward worker died (exit %s) on item %d; retrying it", code, item.index)
-                rest.insert(0, _Item(item.index, item.answer, item.golds, item.attempt + 1))
-                settled = 0
-            else:
-                log.warning("reward worker died (exit %s) on item %d again; scored 0", code, item.index)
-                results[item.index] = 0.0
-        pending.extendleft(reversed(rest))
-        self._replace(i, w)
-        return settled
-
-    def _replace(self, i: int, w: _Worker) -> _Worker:
-        w.stop(force=True)
-        fresh = _Worker(self._ctx, self._test_hooks)
-        self._workers[i] = fresh
-        self.stats.respawns += 1
-        return fresh
+                items.append((index, (answer, golds, self.literal_integers, self._fault)))
+        self._items += len(pairs)
+        return self.pool.run(items, len(pairs))

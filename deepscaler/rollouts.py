@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from deepscaler.errors import is_int
-from deepscaler.store import RunStore, StoreError, atomic_write_json, load_tensors, read_json, save_tensors
+from deepscaler.safetensors_io import load_tensors, save_tensors
+from deepscaler.store import RunStore, StoreError, atomic_write_json, read_json
 
 TENSOR_FILE = "rollout.safetensors"
 META_FILE = "meta.json"

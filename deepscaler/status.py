@@ -49,7 +49,7 @@ def slurm_jobs(ids: list[str]) -> dict[str, dict]:
     """{job id: {State, Elapsed, NNodes, NodeList, Reason}} from sacct and squeue ({} without Slurm)."""
     if not ids or shutil.which("sacct") is None:
         return {}
-    from deepscaler.slurm import HetInfoWatcher
+    from deepscaler.slurm.jobs import HetInfoWatcher
 
     out = subprocess.run(["sacct", "-P", "-o", ",".join(JOB_FIELDS), *[a for i in ids for a in ("-j", i)]],
                          capture_output=True, text=True)
@@ -83,6 +83,7 @@ def stage_summary(store: RunStore) -> dict:
         "stage": store.stage, "steps": done, "max_steps": max_steps,
         "reward": sum(r["reward_mean"] for r in recent) / len(recent) if recent else None,
         "length": last.get("response_length_mean"), "truncation": last.get("truncation_rate"),
+        "mismatch_kl": last.get("mismatch_kl"),
         "weights": store.latest_stable("weights"), "checkpoint": store.latest_stable("checkpoints"), "eta_s": eta,
     }
 
@@ -103,7 +104,8 @@ def render(stores: list[RunStore]):
     from rich.table import Table
 
     progress = Table(title="training progress", title_justify="left")
-    for col in ("run", "stage", "steps", "reward (last 10)", "length", "truncated", "weights", "checkpoint", "ETA"):
+    for col in ("run", "stage", "steps", "reward (last 10)", "length", "truncated", "mismatch KL", "weights",
+                "checkpoint", "ETA"):
         progress.add_column(col, justify="right")
     jobs = Table(title="slurm jobs", title_justify="left")
     for col in ("run", "stage", "job", "state", "elapsed", "nodes", "reason"):
@@ -112,7 +114,8 @@ def render(stores: list[RunStore]):
         s = stage_summary(store)
         steps = f"{s['steps']}/{s['max_steps']}" if s["max_steps"] else str(s["steps"])
         progress.add_row(store.run, str(store.stage), steps, _fmt(s["reward"], "{:.3f}"), _fmt(s["length"], "{:.0f}"),
-                         _fmt(s["truncation"], "{:.1%}"), _fmt(s["weights"], "{}"), _fmt(s["checkpoint"], "{}"),
+                         _fmt(s["truncation"], "{:.1%}"), _fmt(s["mismatch_kl"], "{:.2e}"), _fmt(s["weights"], "{}"),
+                         _fmt(s["checkpoint"], "{}"),
                          _duration(s["eta_s"]))
         for jid, job in slurm_jobs(job_ids(store)).items():
             jobs.add_row(store.run, str(store.stage), jid, job.get("State", "?"), job.get("Elapsed", "-"),

@@ -25,7 +25,8 @@ Each step kind has exactly ONE writer process (orchestrator for rollouts, traine
 weights and checkpoints); only that writer may call :meth:`RunStore.write_step`,
 :meth:`RunStore.clean_partial` and :meth:`RunStore.apply_retention` for the kind.
 
-No pickle anywhere: tensors go through safetensors, everything else through JSON.
+No pickle anywhere: tensors go through safetensors (``deepscaler.safetensors_io``, which
+writes through :func:`atomic_file`), everything else through JSON.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ import shutil
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+
 from deepscaler.errors import one_line
 
 STABLE = "STABLE"
@@ -52,6 +55,7 @@ STEP_KINDS = ("rollouts", "weights", "checkpoints")
 LEASE_TTL_S = 600.0
 LEASE_HEARTBEAT_S = 60.0
 LEASE_PREFIX = ".lease-"
+LOG_TAIL_LINES = 20  # lines of a log shown with an error
 
 _STEP_RE = re.compile(r"^step_(0|[1-9][0-9]*)$")
 _TMP_RE = re.compile(r"^step_(0|[1-9][0-9]*)\.tmp-.+$")
@@ -214,16 +218,18 @@ def dumps_json(obj: Any, *, indent: int | None = None) -> str:
 # --------------------------------------------------------------------------- single files
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write a file so readers see either the old or the new content, never a prefix."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp sibling of ``path`` for the body to write; then fsync it and rename it over
+    ``path``, so readers see the old file or the new one, never a prefix. If the body fails
+    the temp file goes and ``path`` is untouched; a full disk is DiskFull naming ``path``.
+    (``deepscaler.safetensors_io.save_tensors`` writes its files through this.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
@@ -231,7 +237,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             raise _disk_full(err, path) from None
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file so readers see either the old or the new content, never a prefix."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -253,70 +265,19 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CorruptFileError(f"{path}: not valid JSON ({one_line(err)})") from None
 
 
-# --------------------------------------------------------------------------- tensors
+# --------------------------------------------------------------------------- files a caller writes, log tails
 
 
-def save_tensors(
-    path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Save tensors with safetensors (no pickle: loading cannot run code), atomically.
-
-    ``metadata`` values must be strings (a safetensors rule); put structured data in JSON text.
-    """
-    import safetensors.torch
-
+def log_tail(path: str | os.PathLike, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file (``logs/<name>.log``) under a heading naming it,
+    for error messages; read as a stream, so a long server log costs no memory."""
     path = Path(path)
-    if metadata is not None:
-        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
-        if bad:
-            raise TypeError(f"safetensors metadata must map str to str; bad keys: {bad[:5]}")
-        metadata = dict(metadata)
-    prepared = {}
-    for name, t in tensors.items():
-        if not isinstance(name, str):
-            raise TypeError(f"tensor names must be str, got {name!r}")
-        prepared[name] = t.detach().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
     try:
-        safetensors.torch.save_file(prepared, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors >= 0.8 creates 0600 files, whatever the umask
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if _is_disk_full(err):
-            raise _disk_full(err, path) from None
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
-    """Load a safetensors file; a truncated or corrupt file gives a one-line error naming it."""
-    import safetensors.torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such tensor file")
-    try:
-        return safetensors.torch.load_file(str(path), device=device)
-    except Exception as err:  # SafetensorError, or OSError on a short read
-        raise CorruptFileError(f"{path}: corrupt or truncated safetensors file ({one_line(err)})") from None
-
-
-def load_tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The str->str metadata of a safetensors file (without reading the tensors)."""
-    import safetensors
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such tensor file")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as err:
-        raise CorruptFileError(f"{path}: corrupt or truncated safetensors file ({one_line(err)})") from None
+        with open(path, encoding="utf-8", errors="replace") as f:
+            tail = deque(f, maxlen=lines)
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return f"--- last {len(tail)} lines of {path} ---\n" + "".join(tail).rstrip("\n")
 
 
 # --------------------------------------------------------------------------- retention (pure)

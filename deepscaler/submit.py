@@ -14,9 +14,9 @@ import argparse
 import shutil
 import sys
 
-from deepscaler.config import stage_config, to_yaml, Config, ConfigError
-from deepscaler.process import apply_process_settings
+from deepscaler.config import Config, ConfigError, stage_config, to_yaml
 from deepscaler.data import DataError
+from deepscaler.process import apply_process_settings
 from deepscaler.store import RunStore, StoreError
 
 
@@ -76,6 +76,15 @@ def summary(store: RunStore) -> str:
     return "\n".join(lines)
 
 
+def plan_gpu_stages(configs: list[Config]) -> dict[int, dict]:
+    """The plan (``deepscaler.plan``) of every stage that trains on GPUs, by stage."""
+    if not any(cfg.slurm.trainer.gpus_per_node for cfg in configs):
+        return {}
+    from deepscaler.plan import plan
+
+    return {cfg.run.stage: plan(cfg) for cfg in configs if cfg.slurm.trainer.gpus_per_node}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deepscaler.submit", description=__doc__.split("\n\n")[0])
     which = p.add_mutually_exclusive_group()
@@ -91,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hetjob", action="store_true",
                    help="slurm: two ordinary jobs (servers, then trainer + orchestrator) for clusters without hetjobs")
     p.add_argument("--wait", action="store_true", help="slurm: block and stream progress until the job(s) end")
+    p.add_argument("--force", action="store_true",
+                   help="slurm: submit even when the planner finds that a stage does not fit its GPUs")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.optimizer.lr=2e-6")
     return p
 
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from deepscaler.prefetch import CacheError, require_cache
 
+    plans = plan_gpu_stages(configs) if executor == "slurm" else {}
     if args.dry_run:
         for i, cfg in enumerate(configs):
             print(f"# {describe(cfg)} [{executor}]")
@@ -117,12 +129,24 @@ def main(argv: list[str] | None = None) -> int:
                 require_cache(cfg)
             except CacheError as e:
                 print(f"# warning: {e}")
+            if cfg.run.stage in plans:
+                from deepscaler.plan import table
+
+                print("\n".join(f"# {line.lstrip('# ')}" for line in table(plans[cfg.run.stage]).splitlines()))
             if executor == "slurm":
-                from deepscaler.slurm import dry_run_script
+                from deepscaler.slurm.stage_job import dry_run_script
 
                 print(dry_run_script(cfg, dependency=f"afterok:<job of stage {configs[i - 1].run.stage}>" if i else None))
             print(to_yaml(cfg), end="")
         return 0
+    if not args.force:  # before any job asks for GPUs: a stage that cannot fit them must not start
+        from deepscaler.plan import refusal
+
+        for p in plans.values():
+            why = refusal(p)
+            if why:
+                print(f"error: {why}", file=sys.stderr)
+                return 2
     try:  # before any job asks for GPUs: a job that cannot load its model must not start
         for cfg in configs:
             require_cache(cfg)
@@ -130,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if executor == "slurm":
-        from deepscaler.slurm import submit_stages
+        from deepscaler.slurm.stage_job import submit_stages
 
         return submit_stages(configs, args.resume_step, wait=args.wait)
 

@@ -177,7 +177,7 @@ def _save_model(model, directory: Path) -> None:
     """Write the HF folder files directly. Why not ``save_pretrained``: transformers 5 writes
     nothing but the weights on a torch.distributed rank other than 0, so a trainer rank
     building the model would publish a folder with no config.json."""
-    from deepscaler.store import save_tensors
+    from deepscaler.safetensors_io import save_tensors
 
     model.config.architectures = [type(model).__name__]
     model.config.dtype = "float32"

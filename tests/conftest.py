@@ -35,6 +35,12 @@ def tiny_tokenizer(tiny_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def vocab(tiny_tokenizer) -> int:
+    """The tiny tokenizer's vocabulary size (a tiny model's embedding rows)."""
+    return len(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def reference_stage(tmp_path_factory):
     """One uninterrupted deterministic 4-step tiny stage (local executor), run once per session:
     the run that the resume and fault tests must reproduce bit for bit. Read it; copy its

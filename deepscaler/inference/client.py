@@ -19,15 +19,14 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from deepscaler.errors import is_int, one_line
-from deepscaler.store import RunStore
+from deepscaler.inference.contract import TOKEN_ENV
+from deepscaler.store import LOG_TAIL_LINES, RunStore
+from deepscaler.store import log_tail as _file_tail
 
-TOKEN_ENV = "DEEPSCALER_SERVER_TOKEN"  # the same name as deepscaler.inference.server.TOKEN_ENV
-LOG_TAIL_LINES = 20
 FINISH_REASONS = ("stop", "length")
 
 
@@ -164,7 +163,7 @@ def sync_weights(client: InferenceClient, store: RunStore, step: int) -> dict:
     """Update one server to ``weights/step_N`` and prove it holds them: its probe log-probs
     must match the trainer's probe.json (``compare_probe``). Returns the update report plus
     ``probe_max_diff``; raises WeightSyncError naming the server, the step and the difference."""
-    from deepscaler.trainer.weights import PROBE_TOLERANCES, compare_probe, dtype_name, read_probe
+    from deepscaler.weights_format import PROBE_TOLERANCES, compare_probe, dtype_name, read_probe
 
     folder = store.step_dir("weights", step)  # StepNotFound (one line) if it is not stable
     report = client.update_weights(step, folder)
@@ -188,14 +187,8 @@ def sync_weights(client: InferenceClient, store: RunStore, step: int) -> dict:
 
 
 def log_tail(store: RunStore, name: str, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of ``logs/<name>.log``, for error messages."""
-    path = store.logs_dir / f"{name}.log"
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            tail = deque(f, maxlen=lines)
-    except FileNotFoundError:
-        return f"(no log at {path})"
-    return f"--- last {len(tail)} lines of {path} ---\n" + "".join(tail).rstrip("\n")
+    """The last lines of server ``name``'s ``logs/<name>.log``, for error messages."""
+    return _file_tail(store.logs_dir / f"{name}.log", lines)
 
 
 def wait_for_servers(store: RunStore, names: Sequence[str], timeout_s: float,

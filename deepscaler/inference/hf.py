@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from deepscaler.faults import fault_active
-from deepscaler.inference.server import GenerateRequest, eos_token_ids, request_seed, sample_seed
 from deepscaler.hf_loading import load_causal_lm, load_tokenizer
+from deepscaler.inference.contract import GenerateRequest, eos_token_ids, request_seed, sample_seed
 from deepscaler.process import one_thread_if_small
-from deepscaler.store import load_tensors
-from deepscaler.trainer.weights import probe_logprobs, weights_files
+from deepscaler.safetensors_io import load_tensors
+from deepscaler.weights_format import probe_logprobs, weights_files
 
 log = logging.getLogger("deepscaler.inference.hf")
 

@@ -19,36 +19,34 @@ generate never sees half-loaded weights. /health never waits. Send a step's prom
 
 The address is announced (``servers/<name>.addr``) only once the model is loaded, and removed
 on SIGTERM/SIGINT (exit 0). Every request needs ``Authorization: Bearer $DEEPSCALER_SERVER_TOKEN``
-when that variable is set. Logs go to stderr.
+when that variable is set. Logs go to stderr. What the backends share with the server (the
+request type, per-sample seeds, eos ids, the max model length) is in ``contract.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
 import math
 import os
-import secrets
 import signal
 import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from deepscaler import faults
+from deepscaler.config import Config, ConfigError, load_config_args, process_parser
 from deepscaler.errors import is_int, one_line
-from deepscaler.config import load_config_args, process_parser, Config, ConfigError
-from deepscaler.process import apply_process_settings, usable_cpus
+from deepscaler.inference.contract import TOKEN_ENV, Backend, BackendDead, GenerateRequest, max_model_len, request_seed
+from deepscaler.process import apply_process_settings, usable_cpus, visible_gpus
 from deepscaler.store import RunStore, StepNotFound, StoreError
 
 log = logging.getLogger("deepscaler.inference")
 
-TOKEN_ENV = "DEEPSCALER_SERVER_TOKEN"
 # weight_step values that are not a published step.
 BASE_STEP = -1  # started from the base model (model.name), not from weights/step_N
 UNKNOWN_STEP = -2  # an update failed part-way: the weights are unknown until the next update
@@ -65,62 +63,7 @@ class RequestError(ValueError):
         self.status = status
 
 
-class BackendDead(RuntimeError):
-    """The engine is gone (its process died): the server cannot serve and exits."""
-
-
-class Backend(Protocol):
-    """What the server needs from an engine (``hf.HFBackend``, ``vllm_backend.VllmBackend``)."""
-
-    name: str  # "hf" | "vllm"
-    max_model_len: int  # prompt + response tokens
-    vocab_size: int  # token ids must be < this
-
-    def generate(self, req: "GenerateRequest") -> list[list[dict]]: ...
-    def probe(self, token_ids: list[int]) -> list[float]: ...
-    def update(self, path: Path, step: int) -> dict: ...  # {"method", "prefix_cache_reset"}
-    def close(self) -> None: ...
-
-
-# --------------------------------------------------------------------------- shared rules
-
-
-def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """The RNG seed of one sample: a function of (request seed, prompt index, sample index)
-    only, so a sample is the same whatever else is in the batch. 63 bits (vLLM and
-    torch.Generator both take it)."""
-    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def request_seed(seed: int | None) -> int:
-    """A request without a seed gets a random one (not reproducible, as asked)."""
-    return secrets.randbits(63) if seed is None else seed
-
-
-def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
-    """Where sampling stops: the tokenizer's eos plus generation_config's eos ids (an int or
-    a list; DeepSeek-R1's generation config names the same id as its tokenizer)."""
-    ids: list[int] = []
-    candidates = [getattr(tokenizer, "eos_token_id", None)]
-    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
-    candidates += extra if isinstance(extra, (list, tuple)) else [extra]
-    for i in candidates:
-        if isinstance(i, int) and i >= 0 and i not in ids:
-            ids.append(i)
-    if not ids:
-        raise ValueError("the model has no eos token id (tokenizer and generation_config.json name none)")
-    return ids
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    prompts: list[list[int]]
-    n: int
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
+# --------------------------------------------------------------------------- request validation
 
 
 def _is_number(x: Any) -> bool:
@@ -193,17 +136,18 @@ def parse_update(body: Any) -> tuple[int, str]:
     return step, path
 
 
-def max_model_len(cfg: Config) -> int:
-    """inference.max_model_len, or the longest a rollout can be (prompt + response), and never
-    shorter than the weight-sync probe, which every update sends (a tiny preset's context can
-    be shorter than the probe)."""
-    from deepscaler.trainer.weights import PROBE_MAX_TOKENS
-
-    rollout = cfg.data.max_prompt_tokens + cfg.sampling.max_response_tokens
-    return cfg.inference.max_model_len or max(rollout, PROBE_MAX_TOKENS + 1)
-
-
 # --------------------------------------------------------------------------- the application
+
+
+def add_logprob_noise(results: list[list[dict]], std: float, seed: int) -> None:
+    """Gaussian noise of ``std`` on every returned log-prob, seeded (fault tests: the mismatch
+    between a sampler's kernels and the trainer's, made visible on CPU)."""
+    import random
+
+    rng = random.Random(seed)
+    for per_prompt in results:
+        for sample in per_prompt:
+            sample["logprobs"] = [min(0.0, lp + rng.gauss(0.0, std)) for lp in sample["logprobs"]]
 
 
 class InferenceServer:
@@ -233,6 +177,9 @@ class InferenceServer:
             results = self.backend.generate(req)
             step = self.weight_step
         seconds = time.perf_counter() - start
+        noise = faults.armed("server.logprob_noise")
+        if noise is not None:  # tests only: a sampler whose kernels disagree with the trainer's
+            add_logprob_noise(results, float(noise), request_seed(req.seed))
         tokens = sum(len(s["token_ids"]) for per_prompt in results for s in per_prompt)
         log.info("generate: %d prompts x %d samples, %d tokens in %.2f s (%.0f tok/s), weights step %d",
                  len(req.prompts), req.n, tokens, seconds, tokens / max(seconds, 1e-9), step)
@@ -427,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                 source, revision = str(folder), None
                 log.info("starting %s backend on weights step %d (%s)", cfg.inference.backend, step, folder)
                 backend = make_backend(cfg, source, revision)
-        log.info("engine ready in %.1f s (max model length %d; %d usable CPU(s))", time.perf_counter() - start,
-                 backend.max_model_len, usable_cpus())
+        log.info("engine ready in %.1f s (max model length %d; %d usable CPU(s), GPUs %s)", time.perf_counter() - start,
+                 backend.max_model_len, usable_cpus(), visible_gpus())
         app = InferenceServer(args.name, store, backend, step, source, cfg.model.dtype)
         bind = args.host or default_host()
         httpd = _HTTPServer((bind, args.port), _Handler)

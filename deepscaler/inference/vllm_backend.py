@@ -49,9 +49,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from deepscaler.errors import one_line
 from deepscaler.config import Config
-from deepscaler.inference.server import BackendDead, GenerateRequest, eos_token_ids, max_model_len, request_seed, sample_seed
+from deepscaler.errors import one_line
+from deepscaler.inference.contract import (BackendDead, GenerateRequest, eos_token_ids, max_model_len, request_seed,
+                                           sample_seed)
 
 log = logging.getLogger("deepscaler.inference.vllm")
 

@@ -112,7 +112,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 
 
 def _on_cuda(t: torch.Tensor) -> bool:
-    return t.is_cuda
+    """The CUDA kernel's path: on CUDA, and on the meta device, where ``deepscaler.plan``
+    traces the GPU's memory without one."""
+    return t.is_cuda or t.is_meta
 
 
 def _sdpa_per_sequence(q, k, v, cu: list[int], scaling):

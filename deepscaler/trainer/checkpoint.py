@@ -42,16 +42,8 @@ import torch
 
 from deepscaler.errors import one_line
 from deepscaler.faults import maybe_crash
-from deepscaler.store import (
-    STABLE,
-    CorruptFileError,
-    RunStore,
-    StoreError,
-    atomic_write_json,
-    load_tensors,
-    read_json,
-    save_tensors,
-)
+from deepscaler.safetensors_io import load_tensors, read_safetensors_header, save_tensors
+from deepscaler.store import STABLE, CorruptFileError, RunStore, StoreError, atomic_write_json, read_json
 
 log = logging.getLogger("deepscaler.trainer")
 
@@ -119,9 +111,6 @@ def _describe(err: BaseException) -> str:
 #   {"value": x}     a JSON scalar (None, bool, int, float, str; IntEnum is stored as int)
 #   {"dict": [[k, node], ...]}, {"list": [...]}, {"tuple": [...]}   keys keep their type (int/str)
 #   {"live": "TypeName"}   not stored: taken from the live engine's state at load time
-
-_SCALARS = (type(None), bool, int, float, str)
-
 
 def _encode_tree(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if torch.is_tensor(obj):
@@ -452,13 +441,8 @@ def _check_stable(path: Path, files: list[str]) -> None:
 
 def _check_model_file(file: Path, module) -> None:
     """Names and full shapes in ``model.safetensors`` (header only) against the live module."""
-    import safetensors
-
-    try:
-        with safetensors.safe_open(str(file), framework="pt") as f:
-            saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as err:
-        raise CorruptFileError(f"{file}: corrupt or truncated safetensors file ({one_line(err)})") from None
+    header = read_safetensors_header(file)  # CorruptFileError naming the file
+    saved = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
     live = {k: _full_shape(v) for k, v in _module_entries(module).items()}
     for key, shape in live.items():
         if key not in saved:

@@ -17,7 +17,8 @@ import torch.distributed as torch_dist
 from torch.utils.checkpoint import checkpoint
 
 from deepscaler.config import TrainerConfig
-from deepscaler.trainer.loss import grpo_loss, token_log_probs, token_log_probs_and_entropy
+from deepscaler.trainer.loss import (grpo_loss, mismatch_metrics, token_log_probs, token_log_probs_and_entropy,
+                                     truncated_is_weights)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def cuda_device_index(local_rank: int, visible: int) -> int:
 
     Under ``srun --gpus-per-task=1`` Slurm binds one GPU to each task (``--gpu-bind=per_task:1``),
     numbered 0 whatever the task's local rank; under torchrun, or srun with the node's GPUs
-    shared by its tasks (what ``deepscaler.slurm`` asks for), every rank sees them all and takes
+    shared by its tasks (what ``deepscaler.slurm.stage_job`` asks for), every rank sees them all and takes
     the one at its local rank. Both work; anything else is a launch error worth one line.
     """
     if visible == 1:
@@ -215,53 +216,88 @@ def packed_log_probs(model, batch, temperature: float, *, entropy: bool, chunk_t
 
 @dataclass
 class UpdateStats:
-    """Sums over one optimizer update, already divided by the mini-batch token count."""
+    """Sums over one optimizer update: the loss terms already divided by the mini-batch token
+    count, the others weighted by each micro-batch's loss tokens (divide by ``loss_tokens``)."""
 
     pg_loss: float = 0.0
     kl: float = 0.0
     entropy: float = 0.0
-    clip_fraction: float = 0.0
+    clip_fraction: float = 0.0  # times loss tokens
+    ratio: float = 0.0  # mean ratio times loss tokens
+    loss_tokens: int = 0
     tokens: int = 0
 
 
-def update(engine, ref_model, batches, total_loss_tokens: int, tc: TrainerConfig, temperature: float, world_size: int):
-    """One optimizer update over this rank's packed micro-batches of one mini-batch.
+def prepare(forward, ref_model, batches, tc: TrainerConfig, temperature: float, tis_cap: float | None) -> dict:
+    """What the step's updates need from the policy as it is before the first of them, per
+    micro-batch, without grad: the reference model's log-probs (the KL term), the policy's own
+    log-probs (the ratio's base with ``trainer.loss.old_logprobs: trainer``, computed in the
+    same packed rows as the updates, so the first update's ratio is exactly 1) and the truncated
+    importance weights. The step's extra cost is the policy's forward. Returns this rank's sums
+    of the mismatch and TIS statistics as 0-dim tensors (weighted by loss tokens;
+    ``mismatch_max`` a max), empty when no old log-probs were computed."""
+    lc = tc.loss
+    need_ref = lc.kl_type != "none" and lc.kl_coef != 0.0
+    need_old = lc.old_logprobs == "trainer" or tis_cap is not None
+    sums: dict = {}
+    with torch.no_grad():
+        for b in batches:
+            if need_ref:
+                b.ref_logp, _ = packed_log_probs(ref_model, b, temperature, entropy=False,
+                                                 chunk_tokens=tc.logits_chunk_tokens)
+            if not need_old:
+                continue
+            b.old_logp, _ = forward(b, temperature, entropy=False, chunk_tokens=tc.logits_chunk_tokens)
+            n = b.loss_mask.sum().float()
+            stats = mismatch_metrics(b.old_logp, b.behaviour_logp, b.loss_mask)
+            if tis_cap is not None:
+                b.tis_weight, tis = truncated_is_weights(b.old_logp, b.behaviour_logp, b.loss_mask, tis_cap,
+                                                         lc.tis_mode, b.segments)
+                stats.update(tis)
+            sums["loss_tokens"] = sums.get("loss_tokens", 0) + n
+            for k, v in stats.items():
+                if k == "mismatch_max":
+                    sums[k] = torch.maximum(sums[k], v) if k in sums else v
+                else:
+                    sums[k] = sums.get(k, 0) + v * n
+    return sums
+
+
+def micro_batch_loss(forward, batch, tc: TrainerConfig, temperature: float, denominator: float):
+    """The GRPO loss of one packed micro-batch and its metrics, from the policy's log-probs and
+    entropies through ``forward`` (the DeepSpeed engine in :func:`update`; ``deepscaler.plan``
+    traces the same code with the bare model) and what :func:`prepare` left on the batch.
+    The caller runs backward."""
+    lc = tc.loss
+    logp, ent = forward(batch, temperature, entropy=True, chunk_tokens=tc.logits_chunk_tokens)
+    old = batch.old_logp if lc.old_logprobs == "trainer" else batch.behaviour_logp
+    return grpo_loss(logp, old, batch.advantages, batch.loss_mask, batch.ref_logp, ent,
+                     clip_low=lc.clip_ratio_low, clip_high=lc.clip_ratio_high, clip_ratio_c=lc.clip_ratio_c,
+                     weights=batch.tis_weight, kl_coef=lc.kl_coef, kl_type=lc.kl_type,
+                     entropy_coef=lc.entropy_coef, denominator=denominator)
+
+
+def update(engine, batches, total_loss_tokens: int, tc: TrainerConfig, temperature: float, world_size: int):
+    """One optimizer update over this rank's packed micro-batches of one mini-batch (after
+    :func:`prepare` for the step).
 
     Every token of the mini-batch (all ranks) weighs 1 / ``total_loss_tokens``: the loss of a
     micro-batch is its token sum divided by that, times the world size because DeepSpeed
     averages gradients over ranks. So micro-batch and rank boundaries do not change the
     gradient: it is the token-mean of the whole mini-batch, as in the recipe.
     """
-    lc = tc.loss
-    need_ref = lc.kl_type != "none" and lc.kl_coef != 0.0
     denominator = max(total_loss_tokens, 1) / world_size
     stats = UpdateStats()
     for batch in batches:
-        ref_logp = None
-        if need_ref:
-            with torch.no_grad():
-                ref_logp, _ = packed_log_probs(ref_model, batch, temperature, entropy=False,
-                                               chunk_tokens=tc.logits_chunk_tokens)
-        logp, ent = engine(batch, temperature, entropy=True, chunk_tokens=tc.logits_chunk_tokens)
-        loss, m = grpo_loss(
-            logp,
-            batch.behaviour_logp,
-            batch.advantages,
-            batch.loss_mask,
-            ref_logp,
-            ent,
-            clip_low=lc.clip_ratio_low,
-            clip_high=lc.clip_ratio_high,
-            kl_coef=lc.kl_coef,
-            kl_type=lc.kl_type,
-            entropy_coef=lc.entropy_coef,
-            denominator=denominator,
-        )
+        loss, m = micro_batch_loss(engine, batch, tc, temperature, denominator)
         engine.backward(loss, scale_wrt_gas=False)
+        n = float(m["num_tokens"])
         stats.pg_loss += float(m["pg_loss"])
         stats.kl += float(m["kl"])
         stats.entropy += float(m["entropy"])
-        stats.clip_fraction += float(m["clip_fraction"]) * float(m["num_tokens"])
+        stats.clip_fraction += float(m["clip_fraction"]) * n
+        stats.ratio += float(m["ratio_mean"]) * n
+        stats.loss_tokens += int(n)
         stats.tokens += int(batch.num_tokens)
     engine.step()
     return stats
@@ -269,9 +305,18 @@ def update(engine, ref_model, batches, total_loss_tokens: int, tc: TrainerConfig
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum floats over the trainer ranks (identity on one rank)."""
+    return _all_reduce(values, "SUM")
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest of a float over the trainer ranks (itself on one rank)."""
+    return _all_reduce([value], "MAX")[0]
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
     if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
         return list(values)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch_dist.all_reduce(t)
+    torch_dist.all_reduce(t, op=getattr(torch_dist.ReduceOp, op))
     return t.tolist()

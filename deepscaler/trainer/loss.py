@@ -2,11 +2,30 @@
 
 The recipe (DeepScaleR's verl scripts; docs/reproduction.md)::
 
-    advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6)      per sequence
-    ratio      rho_t = exp(logp_t - behaviour_logp_t)                     per token
+    advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-6)      per sequence (deepscaler/advantages.py)
+    ratio      rho_t = exp(logp_t - old_t)                                per token
     pg_t       = max(-A * rho_t, -A * clip(rho_t, 1 - eps_low, 1 + eps_high))
     kl_t       = exp(ref_t - logp_t) - (ref_t - logp_t) - 1, clamped to [-10, 10]  (verl low_var_kl)
-    loss       = token_mean(pg) - entropy_coef * token_mean(H) + kl_coef * token_mean(kl)
+    loss       = token_mean(w_t * pg_t) - entropy_coef * token_mean(H) + kl_coef * token_mean(kl)
+
+``old_t`` is the log-prob of token t under the policy as it was before the step's first
+update, recomputed by the trainer (``trainer.loss.old_logprobs: trainer``, verl's
+``compute_log_prob`` and the paper's semantics): the ratio is exactly 1 at the first update and
+moves only with the step's own updates, which is what the clip range was tuned for.
+``old_logprobs: inference`` takes the sampler's log-probs instead, whose kernels disagree with
+the trainer's per token (bf16 on GPUs), so the ratio starts off 1 and clipping fires on noise.
+
+``w_t`` is 1 unless truncated importance sampling is on (``trainer.loss.tis_cap`` C), which
+corrects samples drawn by older weights (``orchestrator.async_level`` >= 1) or other kernels
+(the decoupled-PPO / truncated-IS correction, verl's ``tis_imp_ratio_cap``)::
+
+    token:          w_t = min(exp(old_t - behaviour_t), C)
+    sequence_mask:  w_t = 1 if 1/C <= exp(mean_{t in seq}(old_t - behaviour_t)) <= C, else 0
+
+(sequence_mask takes the geometric mean of the sequence's token ratios: their product over
+8k-24k tokens under- or overflows for any real mismatch). Dual clip (``clip_ratio_c`` c,
+verl's): for A < 0 the loss is also capped at -A * c, so a token whose ratio exploded cannot
+dominate the step.
 
 ``std`` is the unbiased (n - 1) sample std, torch's default, as verl's GRPO advantage uses.
 Token-mean divides the sum over every valid token of the mini-batch by the number of valid
@@ -20,44 +39,14 @@ Metrics are detached 0-dim tensors, so the training loop does not sync with the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 # exp(20) ~ 4.9e8: keeps exp() of a log-ratio finite in float32 and bf16 (verl clamps the same way).
 _LOG_RATIO_LIMIT = 20.0
 _KL_LIMIT = 10.0
-
-
-def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
-    """(r - group mean) / (unbiased group std + eps), same shape as ``rewards``.
-
-    ``rewards`` is ``[num_groups * group_size]`` (groups contiguous) or ``[num_groups, group_size]``.
-    A group whose rewards are all equal carries no learning signal and gets exactly 0 (not a
-    rounding residue divided by eps); a group of size 1 has no baseline and also gets 0
-    (verl would give it the raw reward; the recipe never samples n=1).
-    """
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    shape = rewards.shape
-    if rewards.dim() == 1:
-        if shape[0] % group_size:
-            raise ValueError(f"{shape[0]} rewards do not split into groups of {group_size}")
-        grouped = rewards.reshape(-1, group_size)
-    elif rewards.dim() == 2:
-        if shape[1] != group_size:
-            raise ValueError(f"rewards of shape {tuple(shape)} do not have groups of {group_size}")
-        grouped = rewards
-    else:
-        raise ValueError(f"rewards must be 1-D or 2-D, got shape {tuple(shape)}")
-    grouped = grouped if grouped.is_floating_point() else grouped.float()
-    if group_size == 1:
-        return torch.zeros_like(grouped).reshape(shape)
-    mean = grouped.mean(dim=1, keepdim=True)
-    std = grouped.std(dim=1, keepdim=True)  # unbiased, as torch.std / verl
-    adv = (grouped - mean) / (std + eps)
-    constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
-    adv = torch.where(constant, torch.zeros_like(adv), adv)
-    return adv.reshape(shape)
 
 
 def token_log_probs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
@@ -146,29 +135,38 @@ def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
 
 def ppo_clip_loss(
     logp: Tensor,
-    behaviour_logp: Tensor,
+    old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token PPO clipped surrogate (to minimise) and clipping statistics.
 
-    The ratio is taken against the BEHAVIOUR log-probs that inference returned, so async
-    (off-policy) samples are corrected. Where the clipped branch is active the gradient is 0:
-    A > 0 with ratio > 1 + clip_high, or A < 0 with ratio < 1 - clip_low. Masked tokens give 0.
+    The ratio is taken against ``old_logp`` (module doc: the trainer's own pre-update
+    log-probs, or the sampler's). Where the clipped branch is active the gradient is 0:
+    A > 0 with ratio > 1 + clip_high, or A < 0 with ratio < 1 - clip_low. ``clip_ratio_c``:
+    dual clip, the loss of an A < 0 token is at most -A * c. ``weights``: per-token factors
+    (truncated importance sampling), no gradient. Masked tokens give 0.
     ``advantages``: ``[B]`` per sequence or per token (same shape as ``logp``, e.g. packed rows).
     """
     m = _bool_mask(mask, logp)
     adv = _per_token(advantages, logp).to(torch.float32)
     zero = torch.zeros_like(logp, dtype=torch.float32)
-    log_ratio = torch.where(m, logp.float() - torch.where(m, behaviour_logp.float(), zero), zero)
+    log_ratio = torch.where(m, logp.float() - torch.where(m, old_logp.float(), zero), zero)
     log_ratio = log_ratio.clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
     adv = torch.where(m, adv, zero)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.where(m, torch.maximum(unclipped, clipped), zero)
+    pg = torch.maximum(unclipped, clipped)
+    if clip_ratio_c is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * clip_ratio_c), pg)
+    if weights is not None:
+        pg = pg * torch.where(m, weights.detach().float(), zero)
+    per_token = torch.where(m, pg, zero)
     with torch.no_grad():
         r = ratio.detach()
         is_clipped = m & (clipped > unclipped)
@@ -179,10 +177,60 @@ def ppo_clip_loss(
             "ratio_mean": masked_token_mean(r, m),
             "ratio_max": _masked_max(r, m),
             "ratio_min": _masked_min(r, m),
-            # mean(behaviour - logp): how far the policy moved from the sampler (k1 estimate).
+            # mean(old - logp): how far the update moved the policy (k1 estimate).
             "ppo_kl": masked_token_mean(-log_ratio.detach(), m),
         }
     return per_token, stats
+
+
+def truncated_is_weights(old_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, cap: float,
+                         mode: str = "token", segments: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token truncated importance weights (module doc) and their statistics.
+
+    ``segments``: the sequence id of every token (``mode="sequence_mask"``; packed rows hold
+    several sequences). Masked tokens get weight 0. Stats: ``tis_weight_mean`` (over valid
+    tokens) and ``tis_clipped_fraction`` (tokens whose weight the cap cut, or that a masked
+    sequence dropped).
+    """
+    if cap is None or cap < 1.0:
+        raise ValueError(f"the truncated-IS cap must be >= 1, got {cap}")
+    m = _bool_mask(mask, old_logp)
+    zero = torch.zeros_like(old_logp, dtype=torch.float32)
+    log_ratio = torch.where(m, old_logp.float() - torch.where(m, behaviour_logp.float(), zero), zero)
+    log_ratio = log_ratio.clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+    if mode == "token":
+        raw = torch.exp(log_ratio)
+        weights = torch.where(m, raw.clamp(max=cap), zero)
+        cut = m & (raw > cap)
+    elif mode == "sequence_mask":
+        if segments is None:
+            raise ValueError("sequence_mask needs the sequence id of every token (segments)")
+        seg = segments.reshape(-1).long()
+        flat_m = m.reshape(-1)
+        count = torch.zeros(int(seg.max()) + 1 if seg.numel() else 1, dtype=torch.float32, device=seg.device)
+        total = torch.zeros_like(count)
+        count.index_add_(0, seg, flat_m.float())
+        total.index_add_(0, seg, torch.where(flat_m, log_ratio.reshape(-1), zero.reshape(-1)))
+        mean = total / count.clamp(min=1.0)
+        inside = (mean >= -math.log(cap)) & (mean <= math.log(cap))
+        keep = inside[seg].reshape(m.shape)
+        weights = torch.where(m & keep, torch.ones_like(zero), zero)
+        cut = m & ~keep
+    else:
+        raise ValueError(f"unknown tis_mode {mode!r}; expected token or sequence_mask")
+    stats = {"tis_weight_mean": masked_token_mean(weights, m), "tis_clipped_fraction": masked_token_mean(cut.float(), m)}
+    return weights, stats
+
+
+def mismatch_metrics(old_logp: Tensor, behaviour_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """How far the sampler's log-probs are from the trainer's for the same weights and tokens:
+    ``mismatch_kl``, the token-mean k3 estimate of KL(sampler || trainer) under the sampler's
+    tokens (exp(d) - d - 1 with d = old - behaviour), and ``mismatch_max``, the largest |d|."""
+    m = _bool_mask(mask, old_logp)
+    zero = torch.zeros_like(old_logp, dtype=torch.float32)
+    d = torch.where(m, old_logp.float() - torch.where(m, behaviour_logp.float(), zero), zero)
+    d = d.clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+    return {"mismatch_kl": masked_token_mean(torch.exp(d) - d - 1.0, m), "mismatch_max": _masked_max(d.abs(), m)}
 
 
 def low_var_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -211,7 +259,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_type: str = "low_var_kl") -> T
 
 def grpo_loss(
     logp: Tensor,
-    behaviour_logp: Tensor,
+    old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
     ref_logp: Tensor | None = None,
@@ -219,6 +267,8 @@ def grpo_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
+    weights: Tensor | None = None,
     kl_coef: float = 0.001,
     kl_type: str = "low_var_kl",
     entropy_coef: float = 0.001,
@@ -226,16 +276,18 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """loss = pg_loss - entropy_coef * entropy + kl_coef * kl, every term a token-mean.
 
-    ``ref_logp`` is needed unless ``kl_coef == 0`` or ``kl_type == "none"``; ``entropy`` (from
-    :func:`token_entropy`, with grad: the bonus is trained on, as in verl) unless
-    ``entropy_coef == 0``. ``denominator``: see :func:`masked_token_mean`.
+    ``old_logp``: the ratio's base (module doc). ``weights``, ``clip_ratio_c``: see
+    :func:`ppo_clip_loss`. ``ref_logp`` is needed unless ``kl_coef == 0`` or
+    ``kl_type == "none"``; ``entropy`` (from :func:`token_entropy`, with grad: the bonus is
+    trained on, as in verl) unless ``entropy_coef == 0``. ``denominator``: see
+    :func:`masked_token_mean`.
     Returns the scalar loss and detached metrics: pg_loss, kl, entropy (divided by the same
     denominator as the loss, so with a shared denominator they add up over micro-batches),
     clip fractions, ratio mean/min/max and ppo_kl (means over this call's tokens: weight them
     by num_tokens to combine), num_tokens.
     """
     m = _bool_mask(mask, logp)
-    per_token_pg, stats = ppo_clip_loss(logp, behaviour_logp, advantages, m, clip_low, clip_high)
+    per_token_pg, stats = ppo_clip_loss(logp, old_logp, advantages, m, clip_low, clip_high, clip_ratio_c, weights)
     zeros = torch.zeros_like(logp, dtype=torch.float32)
     logp_safe = torch.where(m, logp.float(), zeros)  # masked garbage never reaches exp() or grads
     pg_loss = masked_token_mean(per_token_pg, m, denominator)

@@ -16,6 +16,7 @@ detection is skipped and the row is attended as ONE sequence.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -115,9 +116,14 @@ class PackedBatch:
     behaviour_logp: Tensor  # float32 [1, T]
     advantages: Tensor  # float32 [1, T]
     cu_seqlens: Tensor  # int32 [num_seqs + 1], sequence boundaries in the row (flash-attn varlen style)
+    segments: Tensor  # int32 [1, T], the position in the row of each token's sequence
     seq_indices: list[int] = field(default_factory=list)
     num_tokens: int = 0  # real tokens packed; 0 for the dummy row of an empty micro-batch
     max_seqlen: int = 1  # the longest sequence in the row (varlen kernels size their grid with it)
+    # Set once per step, before the first update (trainer.engine.prepare), float32 [1, T]:
+    ref_logp: Tensor | None = None  # the reference model's log-probs (the KL term)
+    old_logp: Tensor | None = None  # the policy's own, before the step's first update (the ratio's base)
+    tis_weight: Tensor | None = None  # truncated importance weights (trainer.loss.tis_cap)
 
     @property
     def num_loss_tokens(self) -> int:
@@ -137,17 +143,17 @@ class PackedBatch:
                 "max_length_q": self.max_seqlen, "max_length_k": self.max_seqlen}
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        moved = {k: getattr(self, k).to(device, non_blocking=True) for k in
-                 ("input_ids", "position_ids", "targets", "loss_mask", "behaviour_logp", "advantages", "cu_seqlens")}
-        return PackedBatch(**moved, seq_indices=list(self.seq_indices), num_tokens=self.num_tokens,
-                           max_seqlen=self.max_seqlen)
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        moved = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in moved.items()}
+        return PackedBatch(**{**moved, "seq_indices": list(self.seq_indices)})
 
 
 def _dummy() -> PackedBatch:
     """A one-token row with nothing to learn: an empty micro-batch still runs forward/backward."""
     z = torch.zeros(1, 1, dtype=torch.long)
     return PackedBatch(z, z.clone(), z.clone(), torch.zeros(1, 1, dtype=torch.bool),
-                       torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([0, 1], dtype=torch.int32))
+                       torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([0, 1], dtype=torch.int32),
+                       torch.zeros(1, 1, dtype=torch.int32))
 
 
 def pack(source: Any, indices: Sequence[int]) -> PackedBatch:
@@ -181,6 +187,7 @@ def pack(source: Any, indices: Sequence[int]) -> PackedBatch:
         behaviour_logp=row(blp),
         advantages=row(adv),
         cu_seqlens=torch.cumsum(lengths, 0).to(torch.int32),
+        segments=torch.repeat_interleave(torch.arange(len(ids), dtype=torch.int32), lengths[1:]).unsqueeze(0),
         seq_indices=indices,
         num_tokens=int(lengths.sum()),
         max_seqlen=int(lengths.max()),

@@ -18,21 +18,21 @@ import time
 import numpy as np
 import torch
 
-from deepscaler.config import load_config_args, process_parser, Config, ConfigError
-from deepscaler.process import apply_process_settings, usable_cpus
+from deepscaler.config import Config, ConfigError, load_config_args, process_parser, tis_cap
 from deepscaler.faults import maybe_crash
 from deepscaler.hf_loading import load_causal_lm, load_tokenizer, model_source
-from deepscaler.process import one_thread_if_small
+from deepscaler.process import apply_process_settings, one_thread_if_small, usable_cpus, visible_gpus
 from deepscaler.rollouts import mini_batches, read_rollout
 from deepscaler.stage import first_step as stage_first_step
 from deepscaler.stage import previous_stage_checkpoint, resolve_resume
 from deepscaler.store import RunStore, StoreError
 from deepscaler.trainer import attention
 from deepscaler.trainer.checkpoint import load_checkpoint, load_model_weights, publish_state, save_checkpoint
-from deepscaler.trainer.engine import (all_reduce_sum, build_engine, close_distributed, init_distributed, update,
-                                       use_bf16)
+from deepscaler.trainer.engine import (all_reduce_sum, build_engine, close_distributed, init_distributed,
+                                       max_over_ranks, prepare, update, use_bf16)
 from deepscaler.trainer.packing import oversized, pack, plan_step
-from deepscaler.trainer.weights import as_dtype, publish_weights
+from deepscaler.trainer.publisher import publish_weights
+from deepscaler.weights_format import as_dtype
 
 log = logging.getLogger("deepscaler.trainer")
 
@@ -68,8 +68,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
     model = load_causal_lm(source, dtype, cfg.model.revision, attn_implementation=attn)
     one_thread_if_small(model, device)  # device: where it will compute (it loads on the CPU)
     if dist.is_main:
-        log.info("trainer: %d rank(s), rank 0 on %s, attention %s, %d usable CPU(s)", dist.world_size, device, attn,
-                 usable_cpus())
+        log.info("trainer: %d rank(s), rank 0 on %s, attention %s, %d usable CPU(s), GPUs %s", dist.world_size, device,
+                 attn, usable_cpus(), visible_gpus())
     init_from = None
     prev = previous_stage_checkpoint(cfg, store) if resume_step is None else None
     if prev is not None:
@@ -115,17 +115,23 @@ def train(cfg: Config, resume: str | None = None) -> int:
         rollout = read_rollout(store, step)
         t_wait = time.perf_counter() - t0
 
+        # This rank's packed micro-batches of each mini-batch, then what every update needs
+        # from the policy as it is now (old log-probs, reference log-probs, IS weights).
+        minis = []
+        for indices in mini_batches(rollout, cfg.trainer.mini_batches_per_step):
+            lengths = rollout.seq_lengths
+            plan = plan_step(lengths, dist.world_size, cfg.trainer.micro_batch_tokens, indices=indices)
+            for i in oversized(lengths, cfg.trainer.micro_batch_tokens, indices):
+                log.warning("sequence %d (%d tokens) exceeds trainer.micro_batch_tokens", i, lengths[i])
+            minis.append(([pack(rollout, micro).to(device) for micro in plan[dist.rank]],
+                          sum(rollout.response_lengths[i] for i in indices)))
+        prepared = {k: float(v) for k, v in prepare(engine, ref_model, [b for batches, _ in minis for b in batches],
+                                                      cfg.trainer, cfg.sampling.temperature, tis_cap(cfg)).items()}
         stats = []
         for _ in range(cfg.trainer.ppo_epochs):
-            for indices in mini_batches(rollout, cfg.trainer.mini_batches_per_step):
-                lengths = rollout.seq_lengths
-                plan = plan_step(lengths, dist.world_size, cfg.trainer.micro_batch_tokens, indices=indices)
-                for i in oversized(lengths, cfg.trainer.micro_batch_tokens, indices):
-                    log.warning("sequence %d (%d tokens) exceeds trainer.micro_batch_tokens", i, lengths[i])
-                batches = [pack(rollout, micro).to(device) for micro in plan[dist.rank]]
-                loss_tokens = sum(rollout.response_lengths[i] for i in indices)
-                stats.append(update(engine, ref_model, batches, loss_tokens, cfg.trainer,
-                                    cfg.sampling.temperature, dist.world_size))
+            for batches, loss_tokens in minis:
+                stats.append(update(engine, batches, loss_tokens, cfg.trainer, cfg.sampling.temperature,
+                                    dist.world_size))
         step += 1
         t_train = time.perf_counter() - t0 - t_wait
         if rollout.extra.get("final"):
@@ -140,7 +146,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
             store.apply_retention("weights", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
                                   protected=store.pending_evals())
             store.apply_retention("checkpoints", KEEP_CHECKPOINTS)
-        record = _step_metrics(stats, rollout, engine, cfg.trainer.ppo_epochs, t_wait, t_train, time.perf_counter() - t0)
+        record = _step_metrics(stats, prepared, rollout, engine, cfg.trainer.ppo_epochs, t_wait, t_train,
+                               time.perf_counter() - t0)
         if dist.is_main:
             store.append_metrics({"source": "trainer", "step": step, **record})
             log.info("step %d: loss %.4f kl %.5f entropy %.3f grad_norm %.3f %.0f tok/s",
@@ -166,22 +173,41 @@ def _frozen_copy(model):
     return ref
 
 
-def _step_metrics(stats, rollout, engine, epochs: int, t_wait: float, t_train: float, t_step: float) -> dict:
-    """Mean over the step's updates of the loss terms, summed over ranks (each rank's share
-    was already divided by the mini-batch's token count, times the world size)."""
-    n = len(stats)
-    pg, kl, ent, clip, tokens = all_reduce_sum([
+def _step_metrics(stats, prepared: dict, rollout, engine, epochs: int, t_wait: float, t_train: float,
+                  t_step: float) -> dict:
+    """The step's record in metrics.jsonl, summed over ranks: the loss terms as a mean over the
+    step's updates (each rank's share was already divided by the mini-batch's token count,
+    times the world size); the first update's ratio and clipping, which with
+    ``old_logprobs: trainer`` are exactly 1 and 0; the sampler/trainer mismatch and the
+    truncated-IS statistics, where computed (:func:`deepscaler.trainer.engine.prepare`)."""
+    n, first = len(stats), stats[0]
+    keys = sorted(k for k in prepared if k != "mismatch_max")
+    totals = all_reduce_sum([
         sum(s.pg_loss for s in stats), sum(s.kl for s in stats), sum(s.entropy for s in stats),
         sum(s.clip_fraction for s in stats), sum(s.tokens for s in stats),
+        first.ratio, first.clip_fraction, first.loss_tokens, *(prepared[k] for k in keys),
     ])
+    pg, kl, ent, clip, tokens, ratio0, clip0, tokens0 = totals[:8]
+    mixed = dict(zip(keys, totals[8:]))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     loss_tokens = epochs * sum(rollout.response_lengths)
     grad_norm = engine.get_global_grad_norm()
-    return {
+    record = {
         "pg_loss": pg / n / world,
         "kl": kl / n / world,
         "entropy": ent / n / world,
         "clip_fraction": clip / max(loss_tokens, 1),
+        "first_update_ratio_mean": ratio0 / max(tokens0, 1),
+        "first_update_clip_fraction": clip0 / max(tokens0, 1),
+    }
+    if "mismatch_kl" in mixed:
+        record["mismatch_kl"] = mixed["mismatch_kl"] / max(mixed["loss_tokens"], 1)
+        record["mismatch_max"] = max_over_ranks(prepared["mismatch_max"])
+    for k in ("tis_weight_mean", "tis_clipped_fraction"):
+        if k in mixed:
+            record[k] = mixed[k] / max(mixed["loss_tokens"], 1)
+    return {
+        **record,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "lr": engine.lr_scheduler.get_last_lr()[0],
         "weight_step": rollout.weight_step,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # up.sh - bring up the project's local single-host Slurm 22.05 cluster (Debian
 # packages) without systemd: munged, MariaDB + slurmdbd (for sacct), slurmctld,
-# and two slurmd processes serving logical nodes node1 and node2, each with one
-# fake GPU. Installs the packages when missing. Idempotent: re-running leaves
+# and two slurmd processes serving logical nodes node1 and node2, each with two
+# fake GPUs. Installs the packages when missing. Idempotent: re-running leaves
 # running daemons alone unless the configuration changed. Run as root:
 #
 #   sudo bash slurm/local/up.sh        # then: sinfo, sbatch, sacct, ...
@@ -57,15 +57,15 @@ mkdir -p /etc/slurm /var/spool/slurmctld /var/log/slurm "$OWNED"
 for n in "${NODES[@]}"; do mkdir -p "/var/spool/slurmd/$n"; done
 # fake GPUs: gres/gpu needs one character device per GPU (File= is mandatory,
 # regular files are rejected); c 1 3 is /dev/null's device number.
-for i in 0 1; do
+for i in 0 1 2 3; do
   [ -c "/var/spool/slurmd/fakegpu$i" ] || mknod -m 666 "/var/spool/slurmd/fakegpu$i" c 1 3
 done
 
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 cp "$HERE/slurm.conf" "$tmp/slurm.conf"
 cat > "$tmp/gres.conf" <<'EOF'
-NodeName=node1 Name=gpu File=/var/spool/slurmd/fakegpu0
-NodeName=node2 Name=gpu File=/var/spool/slurmd/fakegpu1
+NodeName=node1 Name=gpu File=/var/spool/slurmd/fakegpu[0-1]
+NodeName=node2 Name=gpu File=/var/spool/slurmd/fakegpu[2-3]
 EOF
 cat > "$tmp/slurmdbd.conf" <<'EOF'
 AuthType=auth/munge

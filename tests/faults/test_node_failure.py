@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from deepscaler.store import RunStore
-from tests.integration.test_slurm_stage import (cancel_leftover_jobs, job_ended, only_stable_steps, sacct, submit, submitted_jobs,
-                                                wait_until)
+from tests.integration.test_slurm_stage import (cancel_leftover_jobs, job_ended, only_stable_steps, sacct, submit,
+                                                submitted_jobs, wait_until)
 from tests.slurm_cluster import in_ci, slurm_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -101,7 +101,8 @@ def full_params(engine) -> dict[str, torch.Tensor]:
 def main(mode: str, stage: int, out: str) -> None:
     import deepspeed
 
-    from deepscaler.store import RunStore, save_tensors
+    from deepscaler.safetensors_io import save_tensors
+    from deepscaler.store import RunStore
     from deepscaler.trainer.checkpoint import load_checkpoint, save_checkpoint
     from deepscaler.trainer.engine import close_distributed
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from deepscaler.config import Config, load_config, to_yaml
-from deepscaler.inference.client import InferenceClient, wait_for_servers
 from deepscaler.hf_loading import load_causal_lm, load_tokenizer, model_source
+from deepscaler.inference.client import InferenceClient, wait_for_servers
 from deepscaler.store import RunStore
-from deepscaler.trainer.weights import publish_weights
+from deepscaler.trainer.publisher import publish_weights
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-7f3a"  # what the launcher would generate per run

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from deepscaler.advantages import group_advantages
 from deepscaler.rollouts import Rollout, write_rollout
 from deepscaler.store import RunStore
-from deepscaler.trainer.loss import group_advantages
 
 
 def scripted_rollout(step: int, *, prompts: int, group_size: int, vocab: int, max_len: int = 24, seed: int = 0) -> Rollout:

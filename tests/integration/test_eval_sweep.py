@@ -1,11 +1,10 @@
 """The eval sweep on the real local Slurm cluster: a tiny run of 2 steps (local executor), then
 ONE array job through submitit with a task per weights step plus the base model, the report,
-a second sweep that finds nothing to do, and the plain sbatch script on the same run.
+and a second sweep that finds nothing to do.
 About 2-3 minutes on a loaded 2-core machine."""
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deepscaler.store import RunStore
-from tests.slurm_cluster import in_ci, slurm_env
+from tests.slurm_cluster import slurm_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -90,32 +89,3 @@ def test_sweep_is_one_array_with_a_task_per_step(slurm_cluster, tiny_run: RunSto
     again = cli("deepscaler.eval", "sweep", "--output-dir", str(store.output_dir), "--include-base")
     assert again.returncode == 0 and "nothing to evaluate" in again.stdout, again.stdout + again.stderr
     assert "submitted" not in again.stdout
-
-
-def test_plain_sbatch_script_evaluates_the_indexed_steps(slurm_cluster, tiny_run: RunStore) -> None:
-    """The dry run's sbatch lines, run as printed: task N takes the Nth stable step through the
-    same entry point (here every benchmark is there already, so each task only says so)."""
-    store = tiny_run
-    if not store.eval_path(2, "aime2024").is_file():  # run alone (-k): nothing to re-check
-        (pytest.fail if in_ci() else pytest.skip)("needs test_sweep_is_one_array_with_a_task_per_step's results")
-    dry = cli("deepscaler.eval", "sweep", "--output-dir", str(store.output_dir), "--include-base", "--force",
-              "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    lines = [line for line in dry.stdout.splitlines() if line.startswith("sbatch ")]
-    assert len(lines) == 2 and "--array=0,1" in lines[0] and " base " in lines[1]
-    ids = []
-    for line in lines:
-        argv = shlex.split(line)
-        out = subprocess.run([argv[0], "--parsable", *argv[1:]], capture_output=True, text=True, env=env(),
-                             timeout=15, cwd=REPO)
-        assert out.returncode == 0, out.stderr
-        ids.append(out.stdout.strip().split(";")[0])
-    array, base = ids
-    assert set(wait_final(array, 2).values()) == {("deepscaler-tiny-s1-eval", "COMPLETED")}
-    assert set(wait_final(base, 1).values()) == {("deepscaler-tiny-s1-eval", "COMPLETED")}
-    logs = store.logs_dir / "slurm-eval"
-    for index, step in ((0, 1), (1, 2)):
-        text = (logs / f"{array}_{index}.out").read_text()
-        assert f"model {step} (job {array}_{index})" in text, text
-        assert f"step_{step}/aime2024: already evaluated" in text, text
-    assert "base/math500: already evaluated" in (logs / f"base-{base}.out").read_text()

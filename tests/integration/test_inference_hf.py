@@ -17,10 +17,8 @@ import pytest
 
 from deepscaler.inference.client import InferenceClient, ServerError, WeightSyncError, sync_weights, wait_for_servers
 from deepscaler.tiny import EOS, SPECIAL_TOKENS
-from deepscaler.trainer.weights import compare_probe, read_probe
-from tests.helpers.inference import (
-    PROMPTS, REPO, TOKEN, make_run, serve, start_server, stop, teacher_forced,
-)
+from deepscaler.weights_format import compare_probe, read_probe
+from tests.helpers.inference import PROMPTS, REPO, TOKEN, make_run, serve, start_server, stop, teacher_forced
 
 pytestmark = pytest.mark.slow
 EOS_ID = SPECIAL_TOKENS.index(EOS)

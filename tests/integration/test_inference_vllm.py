@@ -17,7 +17,7 @@ import pytest
 
 from deepscaler.inference.client import sync_weights
 from deepscaler.tiny import EOS, SPECIAL_TOKENS
-from deepscaler.trainer.weights import compare_probe, read_probe
+from deepscaler.weights_format import compare_probe, read_probe
 from tests.helpers.inference import PROMPTS, make_run, serve, stop, teacher_forced
 
 pytestmark = pytest.mark.slow

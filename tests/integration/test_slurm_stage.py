@@ -95,7 +95,7 @@ def test_a_stage_is_one_hetjob_with_two_components(slurm_cluster, tmp_path: Path
     # sizes itself by them, not by the node (this local cluster binds no CPUs: task/none).
     assert step_cpus(job) == {"deepscaler.inference": 1, "deepscaler.trainer": 1, "deepscaler.orchestrator": 1}
     logs = {name: (store.logs_dir / f"{name}.log").read_text() for name in ("servers", "trainer", "orchestrator")}
-    assert "; 1 usable CPU(s))" in logs["servers"] and ", 1 usable CPU(s)" in logs["trainer"]
+    assert "; 1 usable CPU(s), GPUs none)" in logs["servers"] and ", 1 usable CPU(s), GPUs none" in logs["trainer"]
     assert "reward pool of 1 worker(s); 1 usable CPU(s)" in logs["orchestrator"]
     assert store.is_stable("weights", 2)
     assert "step 1  reward" in done.stdout  # --wait streamed the progress lines
@@ -106,6 +106,33 @@ def test_a_stage_is_one_hetjob_with_two_components(slurm_cluster, tmp_path: Path
                             capture_output=True, text=True, cwd=REPO, env={**slurm_env(), "COLUMNS": "200"})
     assert status.returncode == 0, status.stderr
     assert job in status.stdout and "COMPLETED" in status.stdout and "2/2" in status.stdout
+
+
+def step_gpus(log: str) -> set[str]:
+    """The GPU indices a process logged at start (``GPUs 0,1``)."""
+    import re
+
+    found = re.findall(r"GPUs ([0-9,]+)", log)
+    assert found, log[-2000:]
+    return set(found[-1].split(","))
+
+
+def test_a_colocated_stage_is_one_job_on_one_node_with_disjoint_gpus(slurm_cluster, tmp_path: Path) -> None:
+    """One GPU for the server and one for the trainer, as stage 1's 4 + 4 on an 8-GPU node: one
+    ordinary job, not a hetjob (whose components Slurm never puts on one node)."""
+    done = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "2", "--wait", "slurm.colocate=true",
+                  "slurm.inference.gpus_per_node=1", "slurm.trainer.gpus_per_node=1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    store = RunStore(tmp_path, "tiny", 1)
+    (job,) = submitted_jobs(store)
+    states = sacct(job)
+    assert states[job] == "COMPLETED" and f"{job}+0" not in states, states
+    nodes = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "NodeList"], capture_output=True, text=True,
+                           env=slurm_env()).stdout.split()
+    assert nodes in (["node1"], ["node2"]), nodes
+    servers, trainer = (step_gpus((store.logs_dir / f"{name}.log").read_text()) for name in ("servers", "trainer"))
+    assert len(servers) == len(trainer) == 1 and not servers & trainer, (servers, trainer)
+    assert store.is_stable("weights", 2)
 
 
 def test_chained_stages_wait_for_each_other_and_stage_2_starts_from_stage_1(slurm_cluster, tmp_path: Path) -> None:

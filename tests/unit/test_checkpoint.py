@@ -18,16 +18,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deepscaler.store import STABLE, CorruptFileError, RunStore, StepExists, load_tensors
-from deepscaler.trainer.checkpoint import (
-    CheckpointError,
-    CheckpointMismatch,
-    _decode_tree,
-    _encode_tree,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-)
+from deepscaler.safetensors_io import load_tensors
+from deepscaler.store import STABLE, CorruptFileError, RunStore, StepExists
+from deepscaler.trainer.checkpoint import (CheckpointError, CheckpointMismatch, _decode_tree, _encode_tree,
+                                           load_checkpoint, load_model_weights, save_checkpoint)
 from deepscaler.trainer.engine import free_port
 from tests.helpers.ckpt_worker import full_params, make_engine, seed_all, tiny_model, train
 

@@ -5,10 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import yaml
 
-from deepscaler.config import find_config, load_config, stage_config, to_yaml, yaml_dir, Config, ConfigError
-from deepscaler.slurm_time import time_minutes
+from deepscaler.config import Config, ConfigError, find_config, load_config, stage_config, to_yaml, yaml_dir
+from deepscaler.slurm.options import time_minutes
 
 YAML_DIR = Path(__file__).resolve().parents[2] / "yaml"
 SHIPPED = sorted(YAML_DIR.glob("*.yaml"))

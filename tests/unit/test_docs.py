@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 import pytest
+
 import yaml
 
 from deepscaler import configdoc
@@ -63,7 +64,7 @@ def test_comments_are_read_from_the_source():
     run = configdoc.field_comments(RunConfig)
     assert run["max_steps"] == "Steps to run in this stage (None: until the data is used up)."  # the line above
     assert configdoc.field_comments(_Uncommented) == {}  # no comment: none invented
-    assert configdoc.field_comments(RewardConfig)["workers"] == "0: one per CPU core"  # at the end of the line
+    assert configdoc.field_comments(RewardConfig)["workers"] == "0: one per CPU the orchestrator may use"  # at the end of the line
     assert configdoc.field_comments(ComponentResources)["mem"].startswith('e.g. "200G"')
 
 
@@ -120,7 +121,8 @@ def test_the_guides_have_commands():
 def _help(module: str, sub: str | None, capsys) -> str:
     import importlib
 
-    main = importlib.import_module(f"deepscaler.{module}").main
+    # the eval package's command line is its cli module (python -m runs __main__, which calls it)
+    main = importlib.import_module(f"deepscaler.{module}" + (".cli" if module == "eval" else "")).main
     with pytest.raises(SystemExit):
         main([sub, "--help"] if sub else ["--help"])
     return capsys.readouterr().out

@@ -14,7 +14,7 @@ from deepscaler.config import TrainerConfig
 from deepscaler.hf_loading import load_causal_lm
 from deepscaler.trainer import engine as engine_mod
 from deepscaler.trainer.checkpoint import full_model_state, publish_state
-from deepscaler.trainer.engine import build_engine, cuda_device_index, resolve_ranks, update
+from deepscaler.trainer.engine import build_engine, cuda_device_index, prepare, resolve_ranks, update
 from deepscaler.trainer.packing import pack
 from tests.helpers.ckpt_worker import make_engine, seed_all, tiny_model, train
 from tests.unit.test_attention import LENGTHS, Sequences
@@ -48,10 +48,11 @@ def test_update_checkpoints_every_decoder_layer_when_configured(dist, saved_mode
     assert not model.training  # what from_pretrained hands the trainer
     ref = load_causal_lm(saved_model, "float32")
     engine = build_engine(model, tc, total_updates=4)
-    calls = _count_checkpointed_layers(model) if checkpointing else []
     source = Sequences(LENGTHS)
     batches = [pack(source, [0, 1]), pack(source, [2, 3])]
-    update(engine, ref, batches, sum(source.input_ids.numel() for _ in [0]), tc, 1.0, world_size=1)
+    prepare(engine, ref, batches, tc, 1.0, tis_cap=None)
+    calls = _count_checkpointed_layers(model) if checkpointing else []
+    update(engine, batches, source.input_ids.numel(), tc, 1.0, world_size=1)
     layers = len(model.model.layers)
     if checkpointing:
         assert sorted(calls) == sorted(list(range(layers)) * len(batches))
@@ -59,7 +60,7 @@ def test_update_checkpoints_every_decoder_layer_when_configured(dist, saved_mode
         assert all(not layer.gradient_checkpointing for layer in model.model.layers)
 
 
-def test_the_reference_pass_computes_no_entropy(dist, saved_model, monkeypatch):
+def test_the_passes_without_grad_compute_no_entropy(dist, saved_model, monkeypatch):
     tc = TrainerConfig()
     model, ref = load_causal_lm(saved_model, "float32"), load_causal_lm(saved_model, "float32")
     engine = build_engine(model, tc, total_updates=1)
@@ -67,9 +68,11 @@ def test_the_reference_pass_computes_no_entropy(dist, saved_model, monkeypatch):
     real = engine_mod.token_log_probs_and_entropy
     monkeypatch.setattr(engine_mod, "token_log_probs_and_entropy",
                         lambda *a, **k: (with_entropy.append(1), real(*a, **k))[1])
-    update(engine, ref, [pack(Sequences(LENGTHS), range(4))], 100, tc, 1.0, world_size=1)
-    # one policy chunk (forward, and its checkpointed recompute in backward), none for the reference
-    assert len(with_entropy) == 2
+    batches = [pack(Sequences(LENGTHS), range(4))]
+    prepare(engine, ref, batches, tc, 1.0, tis_cap=None)  # the reference and old-log-prob passes
+    assert with_entropy == [] and batches[0].ref_logp is not None and batches[0].old_logp is not None
+    update(engine, batches, 100, tc, 1.0, world_size=1)
+    assert len(with_entropy) == 2  # one policy chunk: forward, and its checkpointed recompute in backward
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -114,3 +117,30 @@ def test_a_rank_without_its_gpu_is_a_one_line_error():
     with pytest.raises(RuntimeError) as err:
         cuda_device_index(local_rank=3, visible=2)
     assert "\n" not in str(err.value) and "local rank 3" in str(err.value) and "2 GPU(s)" in str(err.value)
+
+
+@pytest.mark.parametrize("old_logprobs", ["trainer", "inference"])
+def test_the_first_update_takes_its_ratio_against_the_trainers_own_log_probs(dist, saved_model, old_logprobs):
+    """The sampler's log-probs are the policy's plus noise (other kernels, as vLLM's bf16 ones
+    on a GPU). Against the trainer's own, the first update's ratio is exactly 1 and nothing is
+    clipped; against the sampler's, clipping fires on the noise."""
+    tc = TrainerConfig()
+    tc.loss.old_logprobs = old_logprobs
+    model, ref = load_causal_lm(saved_model, "float32"), load_causal_lm(saved_model, "float32")
+    engine = build_engine(model, tc, total_updates=1)
+    source = Sequences(LENGTHS)
+    source.advantages = torch.tensor([1.0, -1.0, 2.0, -0.5])
+    batch = pack(source, range(4))
+    with torch.no_grad():
+        own, _ = engine_mod.packed_log_probs(model, batch, 1.0, entropy=False)
+    noise = torch.randn(own.shape, generator=torch.Generator().manual_seed(0)) * 0.5
+    batch.behaviour_logp = torch.where(batch.loss_mask, own + noise, torch.zeros_like(own))
+    sums = prepare(engine, ref, [batch], tc, 1.0, tis_cap=None)
+    stats = update(engine, [batch], batch.num_loss_tokens, tc, 1.0, world_size=1)
+    first_ratio, first_clip = stats.ratio / stats.loss_tokens, stats.clip_fraction / stats.loss_tokens
+    if old_logprobs == "trainer":
+        assert first_ratio == 1.0 and first_clip == 0.0
+        assert float(sums["mismatch_kl"]) > 0.05  # k3 of N(0, 0.5) noise: about 0.125
+    else:
+        assert first_ratio != 1.0 and first_clip > 0.1
+        assert sums == {}  # no extra pass: nothing to compare

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from deepscaler.config import load_config, to_yaml
-from deepscaler.eval import eval_config, main
-from deepscaler.evalsweep import sbatch_lines, sbatch_options, task_argv
+from deepscaler.eval import sweep as sweep_mod
+from deepscaler.eval.cli import main
+from deepscaler.eval.run import eval_config
+from deepscaler.eval.sweep import EvalTask, array_script, executor, task_argv, task_request
 from deepscaler.store import RunStore, StepNotFound
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +77,7 @@ def test_an_unknown_benchmark_lists_the_known_ones(tmp_path: Path, capsys) -> No
 
 
 def test_an_output_dir_with_no_run(tmp_path: Path, capsys) -> None:
-    for argv in (["run", "--model", "3"], ["sweep"], ["report"], ["steps"]):
+    for argv in (["run", "--model", "3"], ["sweep"], ["report"]):
         code, _, err = run_main(capsys, *argv, "--output-dir", str(tmp_path))
         assert code == 2 and f"{tmp_path}: no run (no <run>/stage1/run.yaml under it)" in one_error_line(err)
     make_run(tmp_path)
@@ -150,18 +153,10 @@ def test_pending_markers_protect_weights_from_retention(tmp_path: Path) -> None:
     assert store.pending_evals() == [3]
 
 
-def test_steps_lists_the_stable_steps_for_the_sbatch_script(tmp_path: Path, capsys) -> None:
-    make_run(tmp_path, steps=(2, 4, 6))
-    assert run_main(capsys, "steps", "--output-dir", str(tmp_path))[1].split() == ["2", "4", "6"]
-    assert run_main(capsys, "steps", "--output-dir", str(tmp_path), "--index", "1")[1].strip() == "4"
-    code, _, err = run_main(capsys, "steps", "--output-dir", str(tmp_path), "--index", "3")
-    assert code == 2 and "index 3:" in one_error_line(err) and "has 3 stable steps [2, 4, 6]" in err
-
-
 # --------------------------------------------------------------------------- the sweep's plan
 
 
-def test_dry_run_skips_evaluated_steps_and_prints_the_sbatch_lines(tmp_path: Path, capsys) -> None:
+def test_dry_run_skips_evaluated_steps_and_prints_the_array_script(tmp_path: Path, capsys) -> None:
     out = tmp_path / "my runs"  # a space: the printed lines must quote it
     store = make_run(out, steps=(0, 1, 2, 3))
     for bench in ("math500", "aime2024"):
@@ -171,13 +166,13 @@ def test_dry_run_skips_evaluated_steps_and_prints_the_sbatch_lines(tmp_path: Pat
                              "--dry-run")
     assert code == 0
     assert "4 task(s): base, step_0, step_2, step_3; already evaluated: step_1" in text
-    sbatch = [shlex.split(line) for line in text.splitlines() if line.startswith("sbatch ")]
-    array, base = sbatch
-    assert "--array=0,2,3%2" in array  # positions among the stable steps [0, 1, 2, 3]
-    assert "--job-name=deepscaler-tiny-s1-eval" in array and "--cpus-per-task=1" in array
-    i = array.index(str(REPO / "slurm/eval_array.sbatch"))
-    assert array[i + 1:i + 5] == [str(store.run_dir.resolve()), "1", "--benchmarks", "math500,aime2024"]
-    assert base[base.index(str(REPO / "slurm/eval_array.sbatch")) + 3] == "base"
+    tasks = [shlex.split(line) for line in text.splitlines() if line.startswith("python -m deepscaler.eval run ")]
+    assert [t[t.index("--model") + 1] for t in tasks] == ["base", "0", "2", "3"]
+    assert tasks[0][tasks[0].index("--output-dir") + 1] == str(out.resolve())
+    sbatch = [line for line in text.splitlines() if line.startswith("#SBATCH ")]
+    for line in ("#SBATCH --array=0-3%2", "#SBATCH --job-name=deepscaler-tiny-s1-eval", "#SBATCH --cpus-per-task=1",
+                 "#SBATCH --signal=USR2@60"):
+        assert line in sbatch, (line, sbatch)
     assert not store.pending_evals()  # a dry run claims nothing
     # --force: every step again
     text = run_main(capsys, "sweep", "--output-dir", str(out), "--force", "--dry-run")[1]
@@ -193,22 +188,41 @@ def test_tasks_run_the_same_entry_point(tmp_path: Path) -> None:
                     "eval.temperature=0.7"]
 
 
+def test_a_task_calls_the_run_function_and_a_requeue_skips_what_is_done(tmp_path: Path, monkeypatch, capsys) -> None:
+    store = make_run(tmp_path)
+    args = argparse.Namespace(preset=None, seed=None, force=True, overrides=[])
+    request = task_request(store, 2, ["math500"], args)
+    seen = []
+    monkeypatch.setattr(sweep_mod, "run_eval", lambda r: seen.append(r) or {})
+    assert EvalTask()(request) == shlex.join(task_argv(store, 2, ["math500"], args))
+    assert seen == [request] and not request.skip_existing  # --force: no --skip-existing
+    requeued = EvalTask().checkpoint(request)
+    assert isinstance(requeued.function, EvalTask) and requeued.args == (replace(request, skip_existing=True),)
+    # a one-line error fails the task, with the same error line as the command line's
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="step_7 does not exist"):
+        EvalTask()(task_request(store, 7, ["math500"], args))
+    assert "error: " in one_error_line(capsys.readouterr().err)
+
+
 def test_task_resources_come_from_eval_resources_and_slurm(tmp_path: Path) -> None:
     store = make_run(tmp_path)
     tiny = load_config(store.run_yaml)
-    assert sbatch_options(tiny, store, None) == {
+    assert executor(tiny, store, None).parameters == {
         "job_name": "deepscaler-tiny-s1-eval", "time": 30, "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": 1,
         "signal_delay_s": 60}
     gpu = load_config(REPO / "yaml/eval.yaml", ["slurm.partition=gpu", "slurm.account=proj", "eval.resources.mem=64G",
                                                 "slurm.extra_sbatch=[--exclusive, --mail-type=END]",
                                                 "slurm.setup=[module load cuda]"])
-    o = sbatch_options(gpu, store, 4)
+    ex = executor(gpu, store, 4)
+    o = ex.parameters
     assert (o["gpus_per_node"], o["cpus_per_task"], o["mem"], o["partition"], o["account"]) == (1, 8, "64G", "gpu", "proj")
     assert o["array_parallelism"] == 4 and o["setup"] == ["module load cuda"]
     assert o["additional_parameters"] == {"exclusive": True, "mail-type": "END"}
-    args = argparse.Namespace(preset=None, seed=None, force=False, overrides=[], max_parallel=None)
-    line = sbatch_lines(gpu, store, [0], ["aime2024"], args)[0]
-    assert "--gpus-per-node=1" in line and "--partition=gpu" in line and "--exclusive" in line
+    script = array_script(ex, 3)
+    for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu", "#SBATCH --exclusive", "#SBATCH --array=0-2%3"):  # at most the tasks
+        assert line in script.splitlines(), line
+    assert "module load cuda" in script.splitlines()
 
 
 def test_step_not_found_is_what_a_missing_step_raises(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The eval metrics (deepscaler/evalmetrics.py): pass@k against exact combinatorics, the summary
+"""The eval metrics (deepscaler/eval/metrics.py): pass@k against exact combinatorics, the summary
 on hand-made sample sets, and the seed's line format character for character."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from deepscaler.evalmetrics import default_pass_k, format_line, length_stats, pass_at_k, summarize
+from deepscaler.eval.metrics import default_pass_k, format_line, length_stats, pass_at_k, summarize
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> Fraction:

@@ -1,4 +1,4 @@
-"""The report (deepscaler/report.py) on hand-made eval files: the table's rows and cells, the raw
+"""The report (deepscaler/eval/report.py) on hand-made eval files: the table's rows and cells, the raw
 lines, and a PNG that matplotlib actually drew."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deepscaler.evalmetrics import format_line
-from deepscaler.report import markdown, summaries, write_report
+from deepscaler.eval.metrics import format_line
+from deepscaler.eval.report import markdown, summaries, write_report
 from deepscaler.store import RunStore
 
 

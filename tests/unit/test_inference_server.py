@@ -9,10 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from deepscaler.inference.contract import GenerateRequest, eos_token_ids, sample_seed
 from deepscaler.inference.hf import sampling_logprobs
-from deepscaler.inference.server import (
-    GenerateRequest, RequestError, eos_token_ids, parse_generate, parse_probe, parse_update, sample_seed,
-)
+from deepscaler.inference.server import RequestError, parse_generate, parse_probe, parse_update
 from deepscaler.trainer.loss import token_log_probs
 
 GOOD = {"prompts": [[3, 4, 5], [6]], "n": 2, "max_tokens": 8, "temperature": 0.6, "top_p": 1.0, "seed": 0}

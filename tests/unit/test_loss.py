@@ -7,18 +7,9 @@ import math
 import pytest
 import torch
 
-from deepscaler.trainer.loss import (
-    group_advantages,
-    grpo_loss,
-    k1_kl,
-    kl_penalty,
-    low_var_kl,
-    masked_token_mean,
-    ppo_clip_loss,
-    token_entropy,
-    token_log_probs,
-    token_log_probs_and_entropy,
-)
+from deepscaler.advantages import group_advantages
+from deepscaler.trainer.loss import (grpo_loss, k1_kl, kl_penalty, low_var_kl, masked_token_mean, ppo_clip_loss,
+                                     token_entropy, token_log_probs, token_log_probs_and_entropy)
 
 LN = math.log
 
@@ -26,48 +17,6 @@ LN = math.log
 def close(actual, expected, tol=1e-5) -> None:
     torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float32),
                                torch.as_tensor(expected, dtype=torch.float32), atol=tol, rtol=tol)
-
-
-# --------------------------------------------------------------------------- advantages
-
-
-def test_group_advantages_hand_computed() -> None:
-    # group 1: [1, 0, 0, 0]: mean 0.25; unbiased var = (0.75^2 + 3 * 0.25^2) / 3 = 0.75 / 3 = 0.25,
-    #          std 0.5 -> A = [0.75, -0.25, -0.25, -0.25] / (0.5 + 1e-6) = [1.5, -0.5, -0.5, -0.5]
-    #          (the biased std sqrt(0.1875) = 0.433 would give 1.732: the test pins torch.std's n-1)
-    # group 2: [1, 1, 0, 0]: mean 0.5; var = 4 * 0.25 / 3 = 1/3, std 0.57735 -> A = +-0.5 / 0.57735 = +-0.866025
-    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
-    adv = group_advantages(rewards, group_size=4)
-    assert adv.shape == (8,)
-    close(adv, [1.5, -0.5, -0.5, -0.5, 0.866025, 0.866025, -0.866025, -0.866025])
-    close(adv[0], 0.75 / (0.5 + 1e-6), tol=1e-7)  # eps sits in the denominator, as in the recipe
-
-
-def test_group_advantages_2d_and_int_rewards() -> None:
-    adv = group_advantages(torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0]]), group_size=4)
-    assert adv.shape == (2, 4) and adv.dtype == torch.float32
-    close(adv[0], [1.5, -0.5, -0.5, -0.5])
-
-
-def test_group_advantages_all_equal_group_is_exactly_zero() -> None:
-    # [1,1,1,1] and [0,0,0,0]: std 0 -> no signal; [0.1]*3 would leave a rounding residue / 1e-6.
-    rewards = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 0.1, 0.1, 0.1, 0.1, 1, 0, 1, 0])
-    adv = group_advantages(rewards, group_size=4)
-    assert torch.equal(adv[:12], torch.zeros(12))
-    # [1, 0, 1, 0]: mean 0.5, var = 4 * 0.25 / 3, std 0.57735 -> +-0.866025
-    close(adv[12:], [0.866025, -0.866025, 0.866025, -0.866025])
-
-
-def test_group_size_one_gives_zeros_not_nan() -> None:
-    adv = group_advantages(torch.tensor([1.0, 0.0, 1.0]), group_size=1)
-    assert torch.equal(adv, torch.zeros(3))
-
-
-@pytest.mark.parametrize("rewards, n", [(torch.zeros(7), 4), (torch.zeros(2, 3), 4), (torch.zeros(2, 2, 2), 2),
-                                        (torch.zeros(4), 0)])
-def test_group_advantages_shape_errors(rewards, n) -> None:
-    with pytest.raises(ValueError):
-        group_advantages(rewards, group_size=n)
 
 
 # --------------------------------------------------------------------------- log-probs and entropy
@@ -416,3 +365,68 @@ def test_full_pipeline_from_logits_backprops_finite() -> None:
     assert torch.equal(logits.grad[:, :2], torch.zeros(4, 2, 13))  # prompt positions get nothing
     assert m["num_tokens"].item() == 4 * 4 - 2
     assert 0.0 < m["clip_fraction"].item() < 1.0
+
+
+# --------------------------------------------------------------------------- old log-probs, TIS, dual clip
+
+
+def test_truncated_is_weights_by_token_are_the_capped_ratio_and_skip_masked_tokens():
+    from deepscaler.trainer.loss import truncated_is_weights
+
+    old = torch.tensor([[-1.0, -1.0, -1.0, float("nan")]])
+    behaviour = torch.tensor([[-1.5, -1.0, -3.0, -1.0]])  # ratios e^0.5, 1, e^2 (capped at 2), masked
+    mask = torch.tensor([[True, True, True, False]])
+    w, stats = truncated_is_weights(old, behaviour, mask, cap=2.0)
+    expected = torch.tensor([[math.exp(0.5), 1.0, 2.0, 0.0]])
+    torch.testing.assert_close(w, expected)
+    assert stats["tis_clipped_fraction"].item() == pytest.approx(1 / 3)
+    assert stats["tis_weight_mean"].item() == pytest.approx((math.exp(0.5) + 1.0 + 2.0) / 3)
+
+
+def test_a_sequence_whose_mean_ratio_leaves_the_band_is_masked_whole():
+    from deepscaler.trainer.loss import truncated_is_weights
+
+    # two sequences in one packed row: the first's mean log-ratio 0.25 (ratio 1.28, inside
+    # [1/2, 2]); the second's mean log-ratio 1.0 (ratio e = 2.7: out), although its first
+    # token alone (log-ratio 0) would pass.
+    old = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0]])
+    behaviour = torch.tensor([[-0.5, 0.0, 0.0, -2.0, 0.0]])
+    mask = torch.tensor([[True, True, False, True, True]])
+    segments = torch.tensor([[0, 0, 0, 1, 1]])
+    w, stats = truncated_is_weights(old, behaviour, mask, cap=2.0, mode="sequence_mask", segments=segments)
+    assert w.tolist() == [[1.0, 1.0, 0.0, 0.0, 0.0]]
+    assert stats["tis_clipped_fraction"].item() == pytest.approx(0.5)  # 2 of the 4 valid tokens dropped
+    with pytest.raises(ValueError):
+        truncated_is_weights(old, behaviour, mask, cap=0.5)
+
+
+def test_dual_clip_caps_the_loss_of_a_negative_advantage_token():
+    from deepscaler.trainer.loss import ppo_clip_loss
+
+    logp = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-3.0, -3.0]])  # ratio e^3 = 20.1 on both tokens
+    adv = torch.tensor([[-1.0, 1.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    plain, _ = ppo_clip_loss(logp, old, adv, mask)
+    dual, _ = ppo_clip_loss(logp, old, adv, mask, clip_ratio_c=3.0)
+    assert plain[0, 0].item() == pytest.approx(math.exp(3.0))  # -A * ratio: unbounded
+    assert dual[0, 0].item() == pytest.approx(3.0)  # capped at -A * c
+    assert dual[0, 1].item() == plain[0, 1].item() == pytest.approx(-1.2)  # A > 0: the usual clip
+    dual.sum().backward()
+    assert logp.grad[0, 0].item() == 0.0  # the capped branch carries no gradient
+
+
+def test_weights_scale_each_token_and_a_ratio_against_itself_is_exactly_one():
+    from deepscaler.trainer.loss import grpo_loss, mismatch_metrics
+
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    mask = torch.tensor([[True, True, False]])
+    w = torch.tensor([[0.5, 2.0, 7.0]])
+    loss, m = grpo_loss(logp, logp, adv, mask, weights=w, kl_coef=0.0, entropy_coef=0.0)
+    assert loss.item() == pytest.approx((-1.0 * 0.5 + 1.0 * 2.0) / 2)  # -A * 1 * w, token mean
+    assert m["ratio_mean"].item() == 1.0 and m["clip_fraction"].item() == 0.0
+    mm = mismatch_metrics(logp, logp - torch.tensor([[0.1, -0.2, 9.0]]), mask)
+    d = torch.tensor([0.1, -0.2])
+    assert mm["mismatch_kl"].item() == pytest.approx(float((d.exp() - d - 1).mean()))
+    assert mm["mismatch_max"].item() == pytest.approx(0.2)  # the masked 9.0 stays out

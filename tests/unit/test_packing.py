@@ -8,14 +8,7 @@ import pytest
 import torch
 
 from deepscaler.rollouts import Rollout
-from deepscaler.trainer.packing import (
-    PackedBatch,
-    oversized,
-    pack,
-    pack_micro_batches,
-    plan_step,
-    split_across_ranks,
-)
+from deepscaler.trainer.packing import PackedBatch, oversized, pack, pack_micro_batches, plan_step, split_across_ranks
 
 
 def random_lengths(n: int, seed: int = 0, low: int = 50, high: int = 24_000) -> list[int]:

@@ -278,12 +278,12 @@ def test_prefetch_refuses_a_model_without_safetensors(tmp_path, model_repo, monk
 
 
 def test_submit_refuses_before_anything_is_submitted(tmp_path, monkeypatch, capsys):
-    import deepscaler.slurm
+    import deepscaler.slurm.stage_job
     from deepscaler import submit
 
     submitted = []
     monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")  # as on a login node
-    monkeypatch.setattr(deepscaler.slurm, "submit_stages", lambda *a, **k: submitted.append(a) or 0)
+    monkeypatch.setattr(deepscaler.slurm.stage_job, "submit_stages", lambda *a, **k: submitted.append(a) or 0)
     argv = ["--stage", "1", "--output-dir", str(tmp_path), "--executor", "slurm"]
     assert submit.main(argv) == 2
     err = capsys.readouterr().err

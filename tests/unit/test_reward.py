@@ -9,16 +9,10 @@ from pathlib import Path
 import pytest
 
 from deepscaler import reward
-from deepscaler.reward import (
-    CRASH_SENTINEL,
-    HANG_SENTINEL,
-    BatchScorer,
-    compute_score,
-    extract_answer,
-    gold_answers,
-    last_boxed,
-    mathd_normalize,
-)
+from deepscaler.reward import BatchScorer, compute_score, extract_answer, gold_answers, last_boxed, mathd_normalize
+
+# Golds that arm the pool's fault hooks (deepscaler/faults.py) when DEEPSCALER_FAULT names them.
+HANG_GOLD, CRASH_GOLD = "hang-here", "crash-here"
 
 LONG_REASONING = "Let me think about this step by step. We try a few values and check. " * 3000  # ~200 kB
 
@@ -59,9 +53,9 @@ CASES = [
     ("digits_swapped_wrong", ans("21"), "12", 0.0),
     ("sign_wrong", ans("-5"), "5", 0.0),
     ("sqrt_not_square", ans("\\sqrt{2}"), "2", 0.0),
-    # math-verify evaluates; DeepScaleR's sympy grader demanded an integer literal for an
-    # integer gold. math-verify's verdict is kept (the value is right).
-    ("unevaluated_power", ans("2^{10}"), "1024", 1.0),
+    # math-verify evaluates; DeepScaleR's grader demands an integer literal for an integer gold,
+    # and so do we by default (orchestrator.reward.integer_answers: literal).
+    ("unevaluated_power", ans("2^{10}"), "1024", 0.0),
     ("trailing_period", "</think> So the answer is $\\boxed{5.}$", "5", 1.0),
     ("dollars", ans("\\$1,000"), "1000", 1.0),
     # --- equations, text, units, percent, degrees
@@ -267,10 +261,11 @@ def test_batch_score_works_from_a_thread():
 
 
 @pytest.mark.slow
-def test_batch_recovers_after_an_interrupted_call():
+def test_batch_recovers_after_an_interrupted_call(monkeypatch):
     """Ctrl-C during score(): the next call must not receive the old batch's results."""
-    pairs = [(ans("1"), HANG_SENTINEL)] + [(ans(str(i)), str(i)) for i in range(20)]
-    with BatchScorer(workers=2, deadline_s=30, _test_hooks=True) as scorer:
+    monkeypatch.setenv("DEEPSCALER_FAULT", f"reward.worker_hang@{HANG_GOLD}")
+    pairs = [(ans("1"), HANG_GOLD)] + [(ans(str(i)), str(i)) for i in range(20)]
+    with BatchScorer(workers=2, deadline_s=30) as scorer:
         timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
         timer.start()
         with pytest.raises(KeyboardInterrupt):
@@ -287,7 +282,8 @@ def test_batch_adversarial_items_hit_the_deadline():
     bad = [(ans("9^{9^{9^9}}"), "2"), (ans("2^{10^{10}}"), "3")]
     good = [(ans(str(i)), str(i)) for i in range(30)]
     pairs = good[:10] + bad[:1] + good[10:20] + bad[1:] + good[20:]
-    with BatchScorer(workers=2, deadline_s=deadline) as scorer:
+    # literal_integers off: the integer golds would settle these without math-verify
+    with BatchScorer(workers=2, deadline_s=deadline, literal_integers=False) as scorer:
         start = time.monotonic()
         scores = scorer.score(pairs)
         elapsed = time.monotonic() - start
@@ -301,13 +297,14 @@ def test_batch_adversarial_items_hit_the_deadline():
 
 
 @pytest.mark.slow
-def test_batch_worker_crash_loses_no_other_scores():
+def test_batch_worker_crash_loses_no_other_scores(monkeypatch):
+    monkeypatch.setenv("DEEPSCALER_FAULT", f"reward.worker_crash@{CRASH_GOLD}")
     pairs = _mixed_batch()
     expected = [compute_score(r, g) for r, g in pairs]
     crash_at = len(pairs) // 2
-    pairs.insert(crash_at, (ans("1"), CRASH_SENTINEL))
+    pairs.insert(crash_at, (ans("1"), CRASH_GOLD))
     expected.insert(crash_at, 0.0)
-    with BatchScorer(workers=2, deadline_s=10, _test_hooks=True) as scorer:
+    with BatchScorer(workers=2, deadline_s=10) as scorer:
         assert scorer.score(pairs) == expected
         assert scorer.stats.crashes == 2  # the first death and the one retry
         assert scorer.stats.respawns == 2
@@ -315,13 +312,14 @@ def test_batch_worker_crash_loses_no_other_scores():
 
 
 @pytest.mark.slow
-def test_batch_workers_killed_externally_mid_batch():
+def test_batch_workers_killed_externally_mid_batch(monkeypatch):
     """SIGKILL from outside (OOM killer, an operator): the items in flight are retried."""
+    monkeypatch.setenv("DEEPSCALER_FAULT", f"reward.worker_hang@{HANG_GOLD}")
     pairs = _mixed_batch()
     expected = [compute_score(r, g) for r, g in pairs]
-    pairs.insert(5, (ans("1"), HANG_SENTINEL))  # keeps the batch running past the kill
+    pairs.insert(5, (ans("1"), HANG_GOLD))  # keeps the batch running past the kill
     expected.insert(5, 0.0)
-    with BatchScorer(workers=2, deadline_s=3, _test_hooks=True) as scorer:
+    with BatchScorer(workers=2, deadline_s=3) as scorer:
         victims = scorer.pids
 
         def kill():
@@ -365,3 +363,29 @@ def test_batch_scorer_rejects_bad_arguments():
 def test_module_documents_semantics():
     doc = reward.__doc__
     assert "</think>" in doc and "SIGALRM" in doc
+
+
+@pytest.mark.parametrize("boxed, gold", [("\\frac{80}{2}", "40"), ("2^{10}", "1024"), ("6 \\cdot 7", "42"),
+                                         ("40 + 2", "42")])
+def test_an_integer_gold_needs_an_integer_literal_unless_configured(boxed, gold):
+    """DeepScaleR's grader: the arithmetic must be finished (integer_answers: literal, default);
+    math-verify alone pays any equal value (integer_answers: math_verify)."""
+    assert compute_score(ans(boxed), gold) == 0.0
+    assert compute_score(ans(boxed), gold, literal_integers=False) == 1.0
+    for literal in (gold, f"{gold}.0", f"{int(gold):,}"):
+        assert compute_score(ans(literal), gold) == 1.0, literal
+
+
+def test_one_call_keeps_its_grading_budget_over_every_gold_form():
+    """Three gold forms used to get 5 s of math-verify each (15.4 s for this answer)."""
+    start = time.monotonic()
+    score = compute_score(ans("2^{2^{2^{5}}}"), ["2^{32}", "4294967296", "2^{2^5}"], literal_integers=False)
+    elapsed = time.monotonic() - start
+    assert score == 0.0 and elapsed <= reward.GRADING_BUDGET_S + 1.5, elapsed
+
+
+def test_the_scorer_applies_the_integer_rule_it_is_given():
+    pairs = [(ans("\\frac{80}{2}"), "40"), (ans("40"), "40")]
+    with BatchScorer(workers=1, deadline_s=10) as strict, BatchScorer(workers=1, deadline_s=10,
+                                                                     literal_integers=False) as lenient:
+        assert strict.score(pairs) == [0.0, 1.0] and lenient.score(pairs) == [1.0, 1.0]

@@ -9,26 +9,9 @@ from typing import Callable
 import pytest
 import torch
 
-from deepscaler.rollouts import (
-    META_FILE,
-    TENSOR_FILE,
-    Rollout,
-    RolloutError,
-    mini_batches,
-    read_rollout,
-    write_rollout,
-)
-from deepscaler.store import (
-    STABLE,
-    CorruptFileError,
-    RunStore,
-    StepCorrupt,
-    StepNotFound,
-    atomic_write_json,
-    load_tensors,
-    read_json,
-    save_tensors,
-)
+from deepscaler.rollouts import META_FILE, TENSOR_FILE, Rollout, RolloutError, mini_batches, read_rollout, write_rollout
+from deepscaler.safetensors_io import load_tensors, save_tensors
+from deepscaler.store import STABLE, CorruptFileError, RunStore, StepCorrupt, StepNotFound, atomic_write_json, read_json
 
 
 @pytest.fixture

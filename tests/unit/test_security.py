@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from deepscaler.config import load_config, ConfigError
+from deepscaler.config import ConfigError, load_config
 from deepscaler.process import apply_process_settings, umask_bits
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,7 +135,12 @@ def test_model_weights_load_only_from_safetensors():
 NO_SETTINGS = {
     "deepscaler.config:main": "prints the resolved config",
     "deepscaler.status:main": "reads metrics and squeue",
-    "deepscaler.publish:main": "reads a weights step and uploads it",
+    "deepscaler.eval.cli:upload_main": "reads a weights step and uploads it",
+}
+# Entry points that apply them in the functions they dispatch to (each checked the same way):
+# the eval command line's ``run`` (also what a sweep task calls) and ``sweep`` (the submitter).
+DISPATCHED = {
+    "deepscaler.eval.cli:main": ["deepscaler.eval.run:run_eval", "deepscaler.eval.sweep:sweep"],
 }
 
 
@@ -157,15 +162,28 @@ def _calls_in(module: str, function: str) -> set[str]:
     return {_dotted(n.func) for n in ast.walk(scope) if isinstance(n, ast.Call)}
 
 
+def _applies_settings(script: str) -> bool:
+    """The entry point calls apply_process_settings, or calls each function it dispatches to
+    (``DISPATCHED``) and each of those calls it."""
+    calls = _calls_in(*script.split(":"))
+    if "apply_process_settings" in calls:
+        return True
+    delegates = [d.split(":") for d in DISPATCHED.get(script, [])]
+    return bool(delegates) and all(function.split(".")[-1] in calls
+                                   and "apply_process_settings" in _calls_in(module, function)
+                                   for module, function in delegates)
+
+
 def test_every_entry_point_applies_the_run_settings():
     scripts = _console_scripts()
     assert "deepscaler.prefetch:main" in scripts
-    missing = [s for s in scripts if s not in NO_SETTINGS and "apply_process_settings" not in _calls_in(*s.split(":"))]
+    missing = [s for s in scripts if s not in NO_SETTINGS and not _applies_settings(s)]
     assert not missing, f"entry points that do not call process.apply_process_settings: {missing}"
     assert set(NO_SETTINGS) <= set(scripts)
     # The Slurm job's own entry (submitit's runner calls it), and the eval sweep's submitter.
-    assert "apply_process_settings" in _calls_in("deepscaler.slurm", "StageJob.__call__")
-    assert "apply_process_settings" in _calls_in("deepscaler.evalsweep", "sweep")
+    assert "apply_process_settings" in _calls_in("deepscaler.slurm.stage_job", "StageJob.__call__")
+    assert "apply_process_settings" in _calls_in("deepscaler.eval.sweep", "sweep")
+    assert "run_eval" in _calls_in("deepscaler.eval.sweep", "EvalTask.__call__")  # an eval array task
 
 
 @pytest.mark.parametrize("text, bits", [("0002", 0o002), ("0027", 0o027), ("002", 0o002), ("0077", 0o077),
@@ -218,7 +236,8 @@ def test_tensor_files_follow_the_umask(tmp_path):
     import torch
 
     from deepscaler.config import TinyModelConfig
-    from deepscaler.store import current_umask, save_tensors
+    from deepscaler.safetensors_io import save_tensors
+    from deepscaler.store import current_umask
     from deepscaler.tiny import ensure_tiny_model
 
     old = os.umask(0o027)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from deepscaler.config import load_config, server_names
-from deepscaler.slurm import HetInfoWatcher, combine_states, job_commands, render_script
+from deepscaler.slurm.jobs import HetInfoWatcher, combine_states
+from deepscaler.slurm.stage_job import job_commands, stage_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,7 @@ def test_every_resource_becomes_the_right_sbatch_line() -> None:
     cfg = config("slurm.partition=gpu", "slurm.account=proj", "slurm.qos=high", "slurm.constraint=a100",
                  "slurm.time=1-12:00:00", "slurm.inference.mem=200G", "slurm.trainer.cpus_per_gpu=6",
                  "inference.tensor_parallel=2", "slurm.extra_sbatch=[--exclusive]", "run.name=exp1")
-    script = render_script(cfg, Path("/shared/runs/logs"), "python -u -m submitit.core._submit /x", "afterok:41")
+    script = stage_script(cfg, Path("/shared/runs/logs"), "python -u -m submitit.core._submit /x", "afterok:41")
     inference, trainer = sbatch_lines(script)
     for line in ("--job-name=deepscaler-exp1-s2", "--dependency=afterok:41", "--requeue", "--exclusive",
                  "--signal=B:USR2@300", "--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=4", "--cpus-per-task=16",
@@ -52,7 +53,7 @@ def test_every_resource_becomes_the_right_sbatch_line() -> None:
 def test_paths_and_user_values_are_quoted() -> None:
     weird = "/tmp/my runs/it's \"here\"; rm -rf ~"
     cfg = config(f"run.output_dir={weird}", "slurm.partition=gpu; touch /tmp/pwned", "slurm.setup=[module load cuda/12.4]")
-    script = render_script(cfg, Path(weird) / "logs", "cmd")
+    script = stage_script(cfg, Path(weird) / "logs", "cmd")
     out = next(line for line in script.splitlines() if line.startswith("#SBATCH --output="))
     assert out == "#SBATCH --output='/tmp/my runs/it'\"'\"'s \"here\"; rm -rf ~/logs/%j_0_log.out'"
     assert "#SBATCH --partition='gpu; touch /tmp/pwned'" in script
@@ -64,10 +65,11 @@ def test_paths_and_user_values_are_quoted() -> None:
 def test_job_steps_place_servers_trainer_and_orchestrator() -> None:
     cfg = config("inference.tensor_parallel=2")
     steps = job_commands(cfg, Path("/r/run.yaml"), "latest")
-    assert steps["servers"][:9] == ["srun", "--unbuffered", "--kill-on-bad-exit=1", "--het-group=0", "--nodes=2",
-                                    "--ntasks=8", "--cpus-per-task=16", "--gpus-per-task=2", sys.executable]
+    assert steps["servers"][:10] == ["srun", "--unbuffered", "--kill-on-bad-exit=1", "--het-group=0", "--nodes=2",
+                                     "--ntasks=8", "--cpus-per-task=16", "--gpus-per-node=8", "--gpus-per-task=2",
+                                     sys.executable]
     assert steps["servers"][-2:] == ["--name", "server{rank}"]
-    assert {"--het-group=1", "--ntasks-per-node=8", "--cpus-per-task=8", "--gpus-per-node=8",
+    assert {"--het-group=1", "--ntasks=16", "--ntasks-per-node=8", "--cpus-per-task=8", "--gpus-per-node=8",
             "--gpu-bind=none"} <= set(steps["trainer"])
     assert steps["trainer"][-2:] == ["--resume-step", "latest"]
     assert {"--overlap", "--mem=0", "--het-group=1", "--ntasks=1", "--cpus-per-task=8"} <= set(steps["orchestrator"])
@@ -146,3 +148,26 @@ def test_missing_sbatch_without_local_executor_is_a_one_line_error(tmp_path: Pat
 def test_bad_resources_fail_before_sbatch(tmp_path: Path, override: str, message: str) -> None:
     out = run_submit("--stage", "1", "--executor", "slurm", "--output-dir", str(tmp_path), override)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_stage_1_is_colocated_on_one_node_and_multi_node_stages_are_hetjobs() -> None:
+    """Slurm never puts two components of a het job on one node, so stage 1's 4 + 4 GPUs as a
+    hetjob would hold two 8-GPU nodes; colocated it is one node whose job steps split its GPUs."""
+    from deepscaler.slurm.stage_job import layout
+
+    stage1 = load_config([REPO / "yaml/stage1.yaml"])
+    assert layout(stage1) == "colocated"
+    script = stage_script(stage1, Path("/r/logs"), "cmd")
+    assert "#SBATCH hetjob" not in script and script.count("#SBATCH --nodes=1") == 1
+    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --ntasks-per-node=8" in script
+    steps = job_commands(stage1, Path("/r/run.yaml"), None)
+    assert "--exact" in steps["servers"] and "--exact" in steps["trainer"]  # both steps run at once
+    assert not any(a.startswith("--het-group") for argv in steps.values() for a in argv)
+    assert layout(config()) == "hetjob" and layout(config("slurm.hetjob=false")) == "two_jobs"
+    assert layout(load_config([REPO / "yaml/stage1.yaml"], ["slurm.colocate=false"])) == "hetjob"
+
+
+def test_colocating_what_does_not_fit_on_one_node_is_refused() -> None:
+    with pytest.raises(Exception) as err:
+        config("slurm.colocate=true")  # stage 2: 2 x 8 + 2 x 8 GPUs
+    assert "slurm.colocate" in str(err.value) and "do not fit on one node" in str(err.value)

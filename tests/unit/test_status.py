@@ -22,7 +22,8 @@ def make_stage(root: Path, name: str, stage: int, steps: int) -> RunStore:
     for step in range(steps):
         store.append_metrics({"source": "orchestrator", "step": step, "reward_mean": 0.1 * step,
                               "response_length_mean": 100.0 + step, "truncation_rate": 0.05, "time_step_s": 60.0})
-        store.append_metrics({"source": "trainer", "step": step + 1, "pg_loss": 0.0, "time_step_s": 30.0})
+        store.append_metrics({"source": "trainer", "step": step + 1, "pg_loss": 0.0, "time_step_s": 30.0,
+                              "mismatch_kl": 1e-3 * (step + 1)})
     return store
 
 
@@ -31,7 +32,7 @@ def test_summary_of_a_stage(tmp_path: Path) -> None:
     s = stage_summary(store)
     assert s["steps"] == 4 and s["max_steps"] == 10
     assert abs(s["reward"] - 0.15) < 1e-9  # mean of 0, .1, .2, .3
-    assert s["length"] == 103.0 and s["truncation"] == 0.05
+    assert s["length"] == 103.0 and s["truncation"] == 0.05 and s["mismatch_kl"] == 4e-3  # the newest step's
     assert s["eta_s"] == 6 * 60.0  # 6 steps left at the slower side's 60 s
 
 
@@ -44,6 +45,7 @@ def test_status_lists_every_run_and_stage_without_a_terminal(tmp_path: Path) -> 
                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
     assert "4/10" in out.stdout and "1/10" in out.stdout and "other" not in out.stdout
+    assert "mismatch KL" in out.stdout and "4.00e-03" in out.stdout
 
 
 def test_no_run_is_a_one_line_error(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The shared-filesystem contract: atomic publish, readers, retention, leases, metrics, tensors."""
+"""The shared-filesystem contract: atomic publish, readers, retention, leases, metrics, atomic files.
+(Tensor files: test_safetensors_io.py.)"""
 
 from __future__ import annotations
 
@@ -13,22 +14,18 @@ import pytest
 import torch
 
 from deepscaler import store as store_mod
-from deepscaler.store import (
-    STABLE,
-    CorruptFileError,
-    RunStore,
-    StepCorrupt,
-    StepExists,
-    StepNotFound,
-    StepTimeout,
-    atomic_write_json,
-    atomic_write_text,
-    load_tensor_metadata,
-    load_tensors,
-    read_json,
-    save_tensors,
-    steps_to_delete,
-)
+from deepscaler.store import (STABLE, CorruptFileError, DiskFull, RunStore, StepCorrupt, StepExists, StepNotFound,
+                              StepTimeout, atomic_file, atomic_write_json, atomic_write_text, log_tail, read_json,
+                              steps_to_delete)
+
+
+def run_together(*targets) -> None:
+    """Run the callables in threads at once and wait for them."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
 
 
 @pytest.fixture
@@ -385,11 +382,7 @@ def test_concurrent_reader_never_sees_incomplete_stable_step(store: RunStore) ->
             if finished:
                 return
 
-    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_together(writer, reader)
     assert not errors, errors[:5]
     assert seen == set(range(n_steps))
 
@@ -436,11 +429,7 @@ def test_concurrent_retention_never_deletes_a_leased_step(store: RunStore) -> No
                 except FileNotFoundError as err:
                     errors.append(f"step {s}: {err}")
 
-    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_together(writer, reader)
     assert not errors, errors[:5]
     assert reads, "the reader never got a lease"
     final = store.stable_steps("weights")
@@ -558,47 +547,44 @@ def test_metrics_garbage_lines_counted(store: RunStore) -> None:
     assert log.records == [{"step": 1}, {"step": 2}] and log.bad_lines == 3 and not log.torn_tail
 
 
-# --------------------------------------------------------------------------- tensors
+# --------------------------------------------------------------------------- files a caller writes, log tails
 
 
-def test_tensor_roundtrip_with_metadata(tmp_path: Path) -> None:
-    tensors = {
-        "f32": torch.randn(3, 4),
-        "bf16": torch.randn(5).to(torch.bfloat16),
-        "i64": torch.arange(6).reshape(2, 3),
-        "noncontig": torch.randn(4, 3).t(),
-        "bool": torch.tensor([True, False]),
-    }
-    p = save_tensors(tmp_path / "r" / "shard0.safetensors", tensors, {"step": "3", "info": json.dumps({"a": 1})})
-    loaded = load_tensors(p)
-    assert loaded.keys() == tensors.keys()
-    for k, v in tensors.items():
-        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
-    assert load_tensor_metadata(p) == {"step": "3", "info": '{"a": 1}'}
-    assert [q.name for q in p.parent.iterdir()] == ["shard0.safetensors"]
+def test_atomic_file_replaces_or_keeps(tmp_path: Path) -> None:
+    p = tmp_path / "d" / "f.bin"
+    with atomic_file(p) as tmp:
+        assert tmp.parent == p.parent and tmp != p
+        tmp.write_bytes(b"new")
+        assert not p.exists()  # visible only once the body is done
+    assert p.read_bytes() == b"new"
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic_file(p) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert p.read_bytes() == b"new" and [q.name for q in p.parent.iterdir()] == ["f.bin"]
 
 
-def test_tensor_metadata_must_be_strings(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="str to str"):
-        save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(1)}, {"step": 3})  # type: ignore[dict-item]
+def test_atomic_file_disk_full_names_the_file(tmp_path: Path) -> None:
+    import errno
+
+    p = tmp_path / "f.bin"
+    with pytest.raises(DiskFull) as info:
+        with atomic_file(p) as tmp:
+            tmp.write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    msg = str(info.value)
+    assert msg.startswith(str(p)) and "no space left on device" in msg and "MiB free" in msg and "\n" not in msg
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("damage", ["truncate", "header", "empty", "garbage"])
-def test_corrupt_safetensors_one_line_error(tmp_path: Path, damage: str) -> None:
-    p = save_tensors(tmp_path / "x.safetensors", {"a": torch.arange(1000, dtype=torch.float32)})
-    data = p.read_bytes()
-    p.write_bytes({"truncate": data[:-100], "header": data[:20], "empty": b"", "garbage": b"hello" * 20}[damage])
-    for fn in (load_tensors, load_tensor_metadata):
-        with pytest.raises(CorruptFileError) as info:
-            fn(p)
-        msg = str(info.value)
-        assert msg.startswith(str(p)) and "corrupt or truncated safetensors" in msg and "\n" not in msg
-
-
-def test_missing_tensor_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no such tensor file"):
-        load_tensors(tmp_path / "nope.safetensors")
+def test_log_tail(tmp_path: Path) -> None:
+    log = tmp_path / "server0.log"
+    assert log_tail(log) == f"(no log at {log})"
+    log.write_text("".join(f"line {i}\n" for i in range(30)))
+    assert log_tail(log) == f"--- last 20 lines of {log} ---\n" + "\n".join(f"line {i}" for i in range(10, 30))
+    assert log_tail(log, 2) == f"--- last 2 lines of {log} ---\nline 28\nline 29"
+    log.write_bytes(b"ok\n\xff\xfe broken utf-8")  # never raises on a garbled log
+    assert log_tail(log).endswith("ok\n\ufffd\ufffd broken utf-8")
 
 
 def test_no_pickle_in_store() -> None:

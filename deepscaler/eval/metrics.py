@@ -3,7 +3,7 @@ the one-line summary the seed prints.
 
 Why pure and separate: the numbers that go into a results table come from here, so each one is
 unit-tested against exact combinatorics and hand-made sample sets, with no server, tokenizer
-or file in the way (``deepscaler/eval.py`` only feeds samples in).
+or file in the way (``deepscaler/eval/run.py`` only feeds samples in).
 
 A sample is a mapping with at least ``problem_id``, ``score`` (the reward, 0 or 1),
 ``tokens`` (completion length in tokens, the eos token included as the server returns it) and

@@ -1,6 +1,6 @@
 """The results of a stage's evals as a Markdown table and a plot (``python -m deepscaler.eval report``).
 
-Reads only what ``deepscaler/eval.py`` wrote (``evals/<step_N|base>/<bench>.json``), so a report
+Reads only what ``deepscaler/eval/run.py`` wrote (``evals/<step_N|base>/<bench>.json``), so a report
 can be rebuilt at any time, on a login node, while a sweep is still filling in steps. Writes
 ``evals/report.md`` (the table in the form of DeepScaleR's README, with the completion lengths,
 then the raw ``Evaluated ...`` lines) and ``evals/eval.png`` (accuracy and mean completion length

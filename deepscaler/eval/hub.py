@@ -1,37 +1,43 @@
-"""``python -m deepscaler.publish``: a weights step as a Hugging Face model repository.
+"""A weights step as a Hugging Face model repository (``python -m deepscaler.eval upload``).
 
-    python -m deepscaler.publish --output-dir DIR --run NAME --stage K --step N --repo-id ORG/NAME \\
+    python -m deepscaler.eval upload --output-dir DIR --run NAME --stage K --step N --repo-id ORG/NAME \\
         [--private] [--dry-run]
 
 Uploads the step's Hugging Face folder (config, safetensors, tokenizer, generation config;
 not the project's own STABLE marker, leases or probe.json) plus a model card (README.md) holding
-the eval table of that step beside the base model and the training recipe from ``run.yaml``.
-``--dry-run`` lists the files and prints the card; nothing is sent.
+the eval table of that step beside the base model (``deepscaler/eval/report.py``) and the
+training recipe from ``run.yaml``. ``--dry-run`` lists the files and prints the card
+(:func:`upload_plan`); nothing is sent.
 
 One commit (``create_repo`` then ``create_commit`` with every file and the card), so a
 repository never shows weights without their card. The token comes from ``HF_TOKEN`` or the
 Hub's own login (``hf auth login``) and is never printed.
+
+"Upload", not "publish": in this project publishing is only making ``weights/step_N`` available
+to the inference servers (``deepscaler/trainer/publisher.py``; the format: ``deepscaler/weights_format.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from deepscaler.config import Config, ConfigError, load_config
+from deepscaler.config import Config, load_config
 from deepscaler.data import PROMPT_SUFFIX, looks_like_repo_id
-from deepscaler.eval import EvalError, resolve_run
-from deepscaler.report import raw_lines, summaries, table
-from deepscaler.store import BASE_EVAL, LEASE_PREFIX, STABLE, RunStore, StoreError
+from deepscaler.eval.report import raw_lines, summaries, table
+from deepscaler.store import BASE_EVAL, LEASE_PREFIX, STABLE, RunStore
 
 PROJECT_FILES = {STABLE, "probe.json"}  # the filesystem contract's, not the model's
 
 
-class PublishError(RuntimeError):
-    """A publish that cannot go ahead (no token, the Hub refused). One line."""
+class UploadError(RuntimeError):
+    """An upload that cannot go ahead (a bad repo id, no token, the Hub refused). One line."""
+
+
+def check_repo_id(repo_id: str) -> None:
+    if not looks_like_repo_id(repo_id):
+        raise UploadError(f"--repo-id '{repo_id}': expected owner/name, e.g. my-org/DeepScaleR-1.5B-repro")
 
 
 def model_files(store: RunStore, step: int) -> list[tuple[str, Path]]:
@@ -112,64 +118,39 @@ def hub_token() -> str | None:
     return get_token()
 
 
-def upload(store: RunStore, step: int, repo_id: str, private: bool, api: Any = None) -> str:
-    """Create the repository (if needed) and commit the files and the card in one commit.
+def upload_plan(store: RunStore, step: int, repo_id: str, private: bool) -> str:
+    """What ``--dry-run`` prints: the files with their sizes, then the card."""
+    files = model_files(store, step)
+    lines = [f"# would upload {len(files) + 1} files to https://huggingface.co/{repo_id}"
+             f" ({'private' if private else 'public'}):"]
+    lines += [f"{path.stat().st_size:>14,d}  {rel}" for rel, path in files]
+    lines += [f"{'(card)':>14}  README.md", "# README.md:"]
+    return "\n".join(lines) + "\n" + model_card(store, step, repo_id)
+
+
+def upload_step(store: RunStore, step: int, repo_id: str, private: bool, api: Any = None) -> str:
+    """Create the repository (if needed) and commit the step's files and the card in one commit.
 
     ``api``: a ``huggingface_hub.HfApi`` (the default, with the token of :func:`hub_token`);
     tests pass a fake with the same two methods. Returns the commit's URL."""
     from huggingface_hub import CommitOperationAdd
 
+    files = model_files(store, step)  # a step that is not stable fails before the token is looked for
     if api is None:
         token = hub_token()
         if not token:
-            raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+            raise UploadError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
     card = model_card(store, step, repo_id)
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path))
-                  for rel, path in model_files(store, step) if rel != "README.md"]
+                  for rel, path in files if rel != "README.md"]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
     try:
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         info = api.create_commit(repo_id, operations, repo_type="model",
                                  commit_message=f"deepscaler run {store.run} stage {store.stage} step {step}")
     except Exception as e:  # HfHubHTTPError and friends: their text has the URL, never the token
-        raise PublishError(f"the Hub refused {repo_id}: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
+        raise UploadError(f"the Hub refused {repo_id}: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
     return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deepscaler.publish", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", default="outputs", help="where runs are written (default: outputs)")
-    p.add_argument("--run", help="the run's name (default: the only run in --output-dir)")
-    p.add_argument("--stage", type=int, default=1, help="the stage (default 1)")
-    p.add_argument("--step", type=int, required=True, help="the weights step to publish")
-    p.add_argument("--repo-id", required=True, help="the model repository, e.g. my-org/DeepScaleR-1.5B-repro")
-    p.add_argument("--private", action="store_true", help="create the repository private")
-    p.add_argument("--dry-run", action="store_true", help="list the files and print the card; upload nothing")
-    args = p.parse_args(argv)
-    try:
-        if not looks_like_repo_id(args.repo_id):
-            raise PublishError(f"--repo-id '{args.repo_id}': expected owner/name, e.g. my-org/DeepScaleR-1.5B-repro")
-        store = resolve_run(args.output_dir, args.run, args.stage)
-        files = model_files(store, args.step)
-        if args.dry_run:
-            print(f"# would upload {len(files) + 1} files to https://huggingface.co/{args.repo_id}"
-                  f" ({'private' if args.private else 'public'}):")
-            for rel, path in files:
-                print(f"{path.stat().st_size:>14,d}  {rel}")
-            print(f"{'(card)':>14}  README.md")
-            print("# README.md:")
-            print(model_card(store, args.step, args.repo_id), end="")
-            return 0
-        url = upload(store, args.step, args.repo_id, args.private)
-        print(f"published weights step {args.step} of run '{store.run}' stage {store.stage}: {url}")
-        return 0
-    except (ConfigError, StoreError, EvalError, PublishError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

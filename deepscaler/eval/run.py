@@ -1,18 +1,12 @@
-"""``python -m deepscaler.eval``: evaluate weights steps on the math benchmarks.
+"""One evaluation: a weights step (or the base model, or a model folder) on the math benchmarks.
 
-    python -m deepscaler.eval run --model 100|latest|base|PATH_OR_HUB_ID [--benchmarks math500,aime2024] \\
-        [--output-dir DIR] [--run NAME] [--stage K] [--preset tiny] [--seed S] [key=value ...]
-    python -m deepscaler.eval sweep --output-dir DIR [--run NAME] [--stage K] [--steps all|100,200] \\
-        [--include-base] [--max-parallel N] [--force] [--wait] [--dry-run]
-    python -m deepscaler.eval report --output-dir DIR [--run NAME] [--stage K]
-
-One evaluation (``run``) starts an inference server as a child process (the same server and
-backends as training: ``--weights-step N`` on the run's config, or ``base`` for ``model.name``),
-samples ``eval.benchmarks.<name>.samples`` completions per problem with the eval sampling
-settings, scores them with the training reward, and writes ``evals/step_N/<bench>.json`` (or
-``evals/base/``): every sample and the summary. ``sweep`` submits one Slurm array over the
-steps (``deepscaler/evalsweep.py``); ``report`` writes the table and the plot
-(``deepscaler/report.py``). docs/eval.md is the reference.
+What ``python -m deepscaler.eval run`` does (:func:`run_eval`), and what each task of a sweep
+calls directly (``deepscaler/eval/sweep.py``). It starts an inference server as a child process
+(the same server and backends as training: ``--weights-step N`` on the run's config, or ``base``
+for ``model.name``), samples ``eval.benchmarks.<name>.samples`` completions per problem with the
+eval sampling settings, scores them with the training reward, and writes
+``evals/step_N/<bench>.json`` (or ``evals/base/``): every sample and the summary
+(``deepscaler/eval/metrics.py``). docs/eval.md is the reference.
 
 Why a server rather than loading the model here: the numbers must come from the exact sampling
 code the policy was trained with (vLLM on GPU, transformers on CPU), and the server already
@@ -21,22 +15,20 @@ knows how to load a weights step safely (leased against retention).
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import secrets
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from deepscaler.config import find_config, load_config, to_yaml, BenchmarkConfig, Config, ConfigError
-from deepscaler.process import apply_process_settings
+from deepscaler.config import BenchmarkConfig, Config, find_config, load_config, to_yaml
 from deepscaler.data import BENCHMARKS, DataError, Problem, build_prompts, load_benchmark
-from deepscaler.evalmetrics import default_pass_k, format_line, summarize
-from deepscaler.report import ReportError
+from deepscaler.eval.metrics import default_pass_k, format_line, summarize
+from deepscaler.process import apply_process_settings
 from deepscaler.store import BASE_EVAL, EVAL_PENDING, RunStore, StoreError, atomic_write_text, read_json
 
 # One generate request holds a whole benchmark (the backend batches inside a request); on one
@@ -177,7 +169,7 @@ def _problems(cfg: Config, bench: str) -> tuple[list[Problem], int]:
 def server_config(cfg: Config, longest_prompt: int) -> Config:
     """The server's config: the eval's, with a max model length that fits the longest prompt
     plus ``eval.max_response_tokens`` (training sized it for its own, shorter responses)."""
-    from deepscaler.inference.server import max_model_len
+    from deepscaler.inference.contract import max_model_len
 
     needed = longest_prompt + cfg.eval.max_response_tokens
     inference = replace(cfg.inference, max_model_len=max(max_model_len(cfg), needed))
@@ -192,9 +184,10 @@ def evaluate(cfg: Config, store: RunStore, what: int | str, benchmarks: list[str
     lease on the weights step throughout, so retention cannot delete it under the eval, and
     removes the step's PENDING marker once every benchmark a sweep asked for is there.
     """
-    from deepscaler.inference.client import ServerError, wait_for_servers
-    from deepscaler.launch import TOKEN_ENV, start, stop
     from deepscaler.hf_loading import load_tokenizer, model_source
+    from deepscaler.inference.client import ServerError, wait_for_servers
+    from deepscaler.inference.contract import TOKEN_ENV
+    from deepscaler.launch import start, stop
     from deepscaler.reward import BatchScorer
 
     seed = cfg.eval.seed if seed is None else seed
@@ -246,8 +239,9 @@ def evaluate(cfg: Config, store: RunStore, what: int | str, benchmarks: list[str
         client.timeout_s = REQUEST_TIMEOUT_S
         server_start_s = time.perf_counter() - t0
         echo(f"{label(what)}: {cfg.inference.backend} server {name} ready in {server_start_s:.1f}s ({source})")
-        scorer = stack.enter_context(BatchScorer(cfg.orchestrator.reward.workers or None,
-                                                 cfg.orchestrator.reward.deadline_s))
+        rc = cfg.orchestrator.reward
+        scorer = stack.enter_context(BatchScorer(rc.workers or None, rc.deadline_s,
+                                                 literal_integers=rc.integer_answers == "literal"))
         expected_step = -1 if what == BASE_EVAL else what
         for bench in todo:
             kept, total = prompts[bench]
@@ -299,103 +293,36 @@ def _clear_pending(store: RunStore, what: int | str) -> None:
         store.clear_eval_pending(what)
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- the run function
 
 
-def _common(p: argparse.ArgumentParser, output_default: str | None = "outputs") -> None:
-    p.add_argument("--output-dir", default=output_default, help="where runs are written (default: outputs)")
-    p.add_argument("--run", help="the run's name (default: the only run in --output-dir)")
-    p.add_argument("--stage", type=int, default=1, help="the stage (default 1)")
+@dataclass(frozen=True)
+class EvalRequest:
+    """One evaluation as ``python -m deepscaler.eval run`` takes it; a sweep task carries one
+    (plain values, so submitit can pickle it and a requeue can set ``skip_existing``)."""
+
+    model: str  # a weights step N, latest, base, or a model folder / Hub id
+    output_dir: str | None = "outputs"
+    run: str | None = None  # None: the only run in output_dir
+    stage: int = 1
+    benchmarks: str | None = None  # comma list; None: eval.benchmarks
+    preset: str | None = None
+    seed: int | None = None  # None: eval.seed
+    skip_existing: bool = False
+    overrides: tuple[str, ...] = ()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m deepscaler.eval", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("run", help="evaluate one weights step, the base model, or a model folder")
-    r.add_argument("--model", required=True, help="a weights step N, latest, base, or a model folder / Hub id")
-    r.add_argument("--benchmarks", help=f"comma list (default: eval.benchmarks); known: {', '.join(BENCHMARKS)}")
-    _common(r)
-    r.add_argument("--preset", help="a preset laid over the run's config, e.g. tiny")
-    r.add_argument("--seed", type=int, help="sampling seed (default: eval.seed)")
-    r.add_argument("--skip-existing", action="store_true", help="keep benchmarks already evaluated")
-    r.add_argument("overrides", nargs="*", metavar="key=value")
-
-    s = sub.add_parser("sweep", help="one Slurm array task per weights step of a stage")
-    _common(s)
-    s.add_argument("--steps", default="all", help="all (default), or a comma list of steps")
-    s.add_argument("--include-base", action="store_true", help="also evaluate the base model (evals/base/)")
-    s.add_argument("--benchmarks", help="comma list (default: eval.benchmarks)")
-    s.add_argument("--preset", help="a preset laid over the run's config, e.g. tiny")
-    s.add_argument("--seed", type=int, help="sampling seed (default: eval.seed)")
-    s.add_argument("--max-parallel", type=int, help="array tasks running at once (default: eval.max_parallel)")
-    s.add_argument("--force", action="store_true", help="re-evaluate steps that have results")
-    s.add_argument("--wait", action="store_true", help="block until the array ends, then write the report")
-    s.add_argument("--dry-run", action="store_true", help="print what would be submitted, and the sbatch line")
-    s.add_argument("overrides", nargs="*", metavar="key=value")
-
-    rep = sub.add_parser("report", help="the results table (report.md) and plot (eval.png) of a stage")
-    _common(rep)
-
-    st = sub.add_parser("steps", help="print the stable weights steps of a stage (for slurm/eval_array.sbatch)")
-    _common(st)
-    st.add_argument("--index", type=int, help="print only the step at this 0-based index")
-    p.commands = {"run": r, "sweep": s, "report": rep, "steps": st}  # type: ignore[attr-defined]
-    return p
+def _print_now(line: str) -> None:
+    print(line, flush=True)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Subcommand arguments with ``key=value`` overrides anywhere among the flags, as in the other
-    commands (argparse's intermixed parsing does not work through subparsers, so per command)."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in parser.commands:
-        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
-        args.command = argv[0]
-        return args
-    return parser.parse_args(argv)  # help, or the error naming the valid commands
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.command == "run":
-            cfg, store, what = eval_config(args.model, args.output_dir, args.run, args.stage, args.preset, args.overrides)
-            apply_process_settings(cfg)
-            benchmarks = parse_benchmarks(args.benchmarks, cfg)
-            print(f"# evaluating {label(what)} of run '{store.run}' stage {store.stage} on {', '.join(benchmarks)}",
-                  flush=True)
-            evaluate(cfg, store, what, benchmarks, args.seed, args.skip_existing,
-                     echo=lambda line: print(line, flush=True))
-            return 0
-        if args.command == "sweep":
-            from deepscaler.evalsweep import sweep
-
-            return sweep(args)
-        if args.command == "report":
-            from deepscaler.report import write_report
-
-            store = resolve_run(args.output_dir, args.run, args.stage)
-            md, png = write_report(store)
-            print(md.read_text(encoding="utf-8"), end="")
-            print(f"wrote {md} and {png}")
-            return 0
-        store = resolve_run(args.output_dir, args.run, args.stage)
-        steps = store.stable_steps("weights")
-        if args.index is None:
-            print("\n".join(map(str, steps)))
-            return 0
-        if not 0 <= args.index < len(steps):
-            raise EvalError(f"index {args.index}: {store.weights_dir} has {len(steps)} stable steps {steps}")
-        print(steps[args.index])
-        return 0
-    except (ConfigError, DataError, StoreError, EvalError, ReportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the eval server was stopped", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_eval(request: EvalRequest, echo: Callable[[str], None] = _print_now) -> dict[str, dict]:
+    """Resolve the config and what to evaluate, apply the run's process settings (umask, Hub
+    offline in jobs), then :func:`evaluate`; returns {bench: summary}. Raises the one-line
+    errors (ConfigError, DataError, StoreError, EvalError) for the caller to print."""
+    cfg, store, what = eval_config(request.model, request.output_dir, request.run, request.stage, request.preset,
+                                   list(request.overrides))
+    apply_process_settings(cfg)
+    benchmarks = parse_benchmarks(request.benchmarks, cfg)
+    echo(f"# evaluating {label(what)} of run '{store.run}' stage {store.stage} on {', '.join(benchmarks)}")
+    return evaluate(cfg, store, what, benchmarks, request.seed, request.skip_existing, echo=echo)

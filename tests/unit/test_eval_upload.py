@@ -1,6 +1,7 @@
-"""``python -m deepscaler.publish``: the file set, the model card, the dry run, and the upload
-against ``FakeHubApi``, a named fake of huggingface_hub's ``HfApi`` (the Hub cannot be reached
-from here). What the fake cannot show, the real Hub's acceptance of the commit, stays untested."""
+"""``python -m deepscaler.eval upload`` (``deepscaler/eval/hub.py``): the file set, the model
+card, the dry run, and the upload against ``FakeHubApi``, a named fake of huggingface_hub's
+``HfApi`` (the Hub cannot be reached from here). What the fake cannot show, the real Hub's
+acceptance of the commit, stays untested."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from deepscaler.publish import PublishError, main, model_card, model_files, upload
+from deepscaler.eval.cli import main, upload_main
+from deepscaler.eval.hub import UploadError, model_card, model_files, upload_step
 from tests.unit.test_eval_cli import fake_eval, make_run
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeHubApi:
-    """A fake of ``huggingface_hub.HfApi``'s two methods that publish calls; records the calls."""
+    """A fake of ``huggingface_hub.HfApi``'s two methods that an upload calls; records the calls."""
 
     def __init__(self, fail: Exception | None = None):
         self.calls: list[tuple] = []
@@ -65,8 +67,8 @@ def test_card_holds_metadata_eval_table_and_recipe(store) -> None:
 
 
 def test_dry_run_lists_files_and_prints_the_card(store, capsys) -> None:
-    code = main(["--output-dir", str(store.output_dir), "--step", "2", "--repo-id", "me/tiny-repro", "--dry-run",
-                 "--private"])
+    code = main(["upload", "--output-dir", str(store.output_dir), "--step", "2", "--repo-id", "me/tiny-repro",
+                 "--dry-run", "--private"])
     out = capsys.readouterr().out
     assert code == 0
     assert "# would upload 3 files to https://huggingface.co/me/tiny-repro (private):" in out
@@ -76,7 +78,7 @@ def test_dry_run_lists_files_and_prints_the_card(store, capsys) -> None:
 
 def test_upload_is_one_commit_with_files_and_card(store) -> None:
     api = FakeHubApi()
-    url = upload(store, 2, "me/tiny-repro", private=True, api=api)
+    url = upload_step(store, 2, "me/tiny-repro", private=True, api=api)
     assert url == "https://huggingface.co/me/tiny-repro/commit/abc"
     (name, repo, private, kind, exist_ok), commit = api.calls
     assert (name, repo, private, kind, exist_ok) == ("create_repo", "me/tiny-repro", True, "model", True)
@@ -87,14 +89,14 @@ def test_upload_is_one_commit_with_files_and_card(store) -> None:
 
 
 def test_hub_errors_are_one_line(store) -> None:
-    with pytest.raises(PublishError, match=r"^the Hub refused me/x: RuntimeError: 403 Forbidden: no write access$"):
-        upload(store, 2, "me/x", private=False, api=FakeHubApi(RuntimeError("403 Forbidden:\n no write access")))
+    with pytest.raises(UploadError, match=r"^the Hub refused me/x: RuntimeError: 403 Forbidden: no write access$"):
+        upload_step(store, 2, "me/x", private=False, api=FakeHubApi(RuntimeError("403 Forbidden:\n no write access")))
 
 
 def test_no_token_is_a_one_line_error_and_no_upload(store, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}
     env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "deepscaler.publish", "--output-dir", str(store.output_dir),
+    done = subprocess.run([sys.executable, "-m", "deepscaler.eval", "upload", "--output-dir", str(store.output_dir),
                            "--step", "2", "--repo-id", "me/tiny-repro"], capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.returncode == 2
@@ -102,7 +104,8 @@ def test_no_token_is_a_one_line_error_and_no_upload(store, tmp_path: Path) -> No
 
 
 def test_bad_repo_id_and_step(store, capsys) -> None:
-    assert main(["--output-dir", str(store.output_dir), "--step", "2", "--repo-id", "nope", "--dry-run"]) == 2
+    assert main(["upload", "--output-dir", str(store.output_dir), "--step", "2", "--repo-id", "nope", "--dry-run"]) == 2
     assert "expected owner/name" in capsys.readouterr().err
-    assert main(["--output-dir", str(store.output_dir), "--step", "5", "--repo-id", "me/x", "--dry-run"]) == 2
+    # the console script deepscaler-upload: the same subcommand
+    assert upload_main(["--output-dir", str(store.output_dir), "--step", "5", "--repo-id", "me/x", "--dry-run"]) == 2
     assert "step_5 does not exist; stable weights steps: [1, 2]" in capsys.readouterr().err

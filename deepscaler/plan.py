@@ -1,0 +1,338 @@
+"""``python -m deepscaler.plan``: whether a stage fits its GPUs, and what it costs, before it
+holds them.
+
+    python -m deepscaler.plan --stage 1 [--preset P] [--json] [--gpu-tflops 989 --mfu 0.35 ...] [key=value ...]
+
+Trainer memory per GPU is not a hand formula that drifts from the code: one micro-batch of the
+trainer's own code (the step's reference and old-log-prob passes, the packed log-probs with
+the configured attention kernel, checkpointing and logits chunks, the GRPO loss, backward)
+runs on the meta device at
+the configured model shape, and a dispatch mode adds up the bytes of every tensor alive at
+each moment (:class:`PeakMemory`). Gradients are dropped as they land, as ZeRO reduces them
+into partitions. The model states ZeRO partitions over the trainer's ranks are added by the
+ZeRO paper's accounting: bf16 weights and gradients, fp32 master weights and Adam moments
+(12 bytes per parameter), each divided by the ranks at the configured stage, plus
+DeepSpeed's gradient bucket.
+
+Inference memory is vLLM's: weights, then the KV cache in what ``gpu_memory_utilization``
+leaves, as a count of sequences of ``max_model_len`` at once. Time is FLOPs and decode tokens
+over stated, overridable assumptions. ``submit`` runs the plan and refuses a stage that does
+not fit (``--force`` overrides). The last line of ``--json`` is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from deepscaler.config import Config, ConfigError, stage_config
+
+GIB = 2**30
+ADAM_BYTES = 12  # fp32 master weights and two fp32 Adam moments, per parameter
+VLLM_OVERHEAD_GIB = 2.0  # vLLM's activations, CUDA graphs and allocator slack besides weights and KV
+
+
+class PlanError(ConfigError):
+    """A stage that does not fit. The message is one line and names the key to change."""
+
+
+@dataclass
+class Assumptions:
+    """What the time estimate takes as given; each is a command-line flag."""
+
+    gpu_tflops: float = 989.0  # dense bf16 peak of one GPU (H100/H200 SXM)
+    mfu: float = 0.35  # the trainer's share of that peak (benchmarks/gpu_check.py measures it)
+    decode_tok_s: float = 6000.0  # tokens/s one GPU generates with vLLM at this model and batch
+    fs_gb_s: float = 1.0  # shared filesystem bandwidth for one weights step, write then read
+    response_frac: float = 0.6  # mean response length as a fraction of sampling.max_response_tokens
+
+
+# --------------------------------------------------------------------------- the trace
+
+
+class PeakMemory(TorchDispatchMode):
+    """Bytes of every tensor storage alive, and their peak, over the ops run inside it (on any
+    device, the meta device included). Storages made before it started count once
+    :meth:`track` sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.sizes:
+            return
+        self.sizes[key] = storage.nbytes()
+        self.live += self.sizes[key]
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self.sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+class SyntheticRollout:
+    """The flat tensors ``trainer.packing.pack`` reads: sequences of ``lengths`` tokens, each a
+    prompt of ``prompt`` tokens and a response. Random tokens: a trace needs shapes only."""
+
+    def __init__(self, lengths: list[int], vocab: int, prompt: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(0, vocab, (sum(lengths),), generator=g)
+        self.seq_offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        self.prompt_lengths = [min(prompt, n - 1) for n in lengths]
+        self.behaviour_logprobs = -torch.rand(sum(lengths), generator=g)
+        self.advantages = torch.randn(len(lengths), generator=g)
+
+
+def row_lengths(cfg: Config) -> list[int]:
+    """The worst micro-batch: ``micro_batch_tokens`` filled with the stage's longest sequences
+    (prompt + response), the last one shorter."""
+    longest = cfg.data.max_prompt_tokens + cfg.sampling.max_response_tokens
+    budget = max(cfg.trainer.micro_batch_tokens, longest)
+    lengths = [longest] * (budget // longest)
+    rest = budget - sum(lengths)
+    return lengths + ([rest] if rest > cfg.data.max_prompt_tokens else [])
+
+
+def build_model(config, dtype: torch.dtype, device: str, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def trace_micro_batch(cfg: Config, config, lengths: list[int], *, device: str = "meta",
+                      dtype: torch.dtype = torch.bfloat16, attn: str | None = None) -> dict[str, int]:
+    """Bytes of one micro-batch of the trainer's update on ``device``: ``weights`` (the policy
+    and the frozen reference model) and ``peak`` (everything alive at the worst moment, weights
+    included). The step's passes without grad run first (``trainer.engine.prepare``), then the
+    policy's forward, loss and backward.
+    ``attn``: transformers' kernel name; default the one the trainer would pick on CUDA (on the
+    meta device the varlen kernel's CUDA path is traced)."""
+    from deepscaler.config import tis_cap
+    from deepscaler.trainer import attention
+    from deepscaler.trainer.engine import micro_batch_loss, packed_log_probs, prepare
+    from deepscaler.trainer.packing import PackedBatch, pack
+
+    tc = cfg.trainer
+    attn = attn or (attention.VARLEN if tc.attn_implementation in ("auto", "varlen", "flash_attention_2")
+                    else attention.resolve(tc.attn_implementation, torch.device("cuda")))
+    if attn == attention.VARLEN:
+        attention.register()
+    cpu_batch = pack(SyntheticRollout(lengths, config.vocab_size, cfg.data.max_prompt_tokens), range(len(lengths)))
+    fields = {f.name: getattr(cpu_batch, f.name) for f in dataclasses.fields(PackedBatch)}
+    batch = PackedBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) and device != "meta"
+                           else torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
+                           for k, v in fields.items()})
+    policy = build_model(config, dtype, device, attn)
+    reference = build_model(config, dtype, device, attn).eval().requires_grad_(False)
+    if tc.deepspeed.activation_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    for p in policy.parameters():  # ZeRO reduces each gradient into its partition as it lands
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    forward = functools.partial(packed_log_probs, policy)
+    memory = PeakMemory()
+    with memory:
+        for t in [*policy.parameters(), *reference.parameters(), *policy.buffers(), *reference.buffers()]:
+            memory.track(t)
+        weights = memory.live
+        prepare(forward, reference, [batch], tc, cfg.sampling.temperature, tis_cap(cfg))
+        loss, _ = micro_batch_loss(forward, batch, tc, cfg.sampling.temperature, max(sum(lengths), 1))
+        loss.backward()
+        del loss
+    return {"weights": weights, "peak": memory.peak}
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def trainer_ranks(cfg: Config) -> int:
+    tr = cfg.slurm.trainer
+    return max(1, tr.nodes * tr.gpus_per_node)
+
+
+def zero_states(cfg: Config, n_params: int) -> dict[str, float]:
+    """GiB per rank of what ZeRO partitions, besides the bf16 weights the trace holds: bf16
+    gradients (partitioned from stage 2), fp32 master weights and Adam moments (partitioned
+    from stage 1; in CPU memory with ``offload_optimizer``), DeepSpeed's gradient bucket."""
+    from deepscaler.trainer.engine import BUCKET_ELEMENTS
+
+    ds, ranks = cfg.trainer.deepspeed, trainer_ranks(cfg)
+    grads = 2 * n_params / (ranks if ds.zero_stage >= 2 else 1)
+    optimizer = 0 if ds.offload_optimizer else ADAM_BYTES * n_params / (ranks if ds.zero_stage >= 1 else 1)
+    bucket = 2 * min(BUCKET_ELEMENTS, n_params) if ds.zero_stage in (1, 2) else 0
+    return {"gradients_gib": grads / GIB, "optimizer_gib": optimizer / GIB, "bucket_gib": bucket / GIB}
+
+
+def model_flops(config, seq_lengths: list[int], forwards: int = 2) -> float:
+    """Model FLOPs of one step's training over sequences of ``seq_lengths`` tokens: 6 per
+    matmul parameter per token for the policy's forward and backward (N: every projection and
+    the output layer; embedding lookups are free), and causal attention, whose forward costs
+    2 L d T^2 per sequence (QK^T and AV over half the square), 3x that with the backward; plus
+    ``forwards`` passes without grad (the reference model's, and the policy's old log-probs:
+    :func:`step_forwards`). Recompute is not counted."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    kv = h // config.num_attention_heads * config.num_key_value_heads
+    n = layers * (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size) + h * config.vocab_size
+    tokens = sum(seq_lengths)
+    attention_forward = 2.0 * layers * h * sum(t * t for t in seq_lengths)
+    forward = 2.0 * n * tokens + attention_forward
+    return 3 * forward + forwards * forward
+
+
+def step_forwards(cfg: Config) -> int:
+    """The passes without grad of each step (``trainer.engine.prepare``): the reference model's
+    when the KL term is on, the policy's own when the ratio or TIS needs its old log-probs."""
+    from deepscaler.config import tis_cap
+
+    lc = cfg.trainer.loss
+    return int(lc.kl_type != "none" and lc.kl_coef != 0.0) + int(lc.old_logprobs == "trainer" or
+                                                               tis_cap(cfg) is not None)
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+
+
+def plan(cfg: Config, assume: Assumptions | None = None) -> dict[str, Any]:
+    """Everything the planner says about a stage, as plain data (the JSON line)."""
+    from deepscaler.hf_loading import model_config
+    from deepscaler.inference.contract import max_model_len
+
+    assume = assume or Assumptions()
+    config = model_config(cfg)
+    lengths = row_lengths(cfg)
+    traced = trace_micro_batch(cfg, config, lengths)
+    n_params = sum(p.numel() for p in build_model(config, torch.bfloat16, "meta", "sdpa").parameters())
+    states = zero_states(cfg, n_params)
+    trainer = {"weights_gib": traced["weights"] / GIB,
+               "activations_gib": (traced["peak"] - traced["weights"]) / GIB, **states}
+    trainer_peak = traced["peak"] / GIB + sum(states.values())
+    gpu_gib = cfg.slurm.gpu_memory_gib
+
+    inf = cfg.inference
+    weights_gib = 2 * n_params / GIB * 1 / inf.tensor_parallel
+    kv_gib = max(0.0, gpu_gib * inf.gpu_memory_utilization - weights_gib - VLLM_OVERHEAD_GIB)
+    seq_len = max_model_len(cfg)
+    concurrent = int(kv_gib * GIB * inf.tensor_parallel // (kv_bytes_per_token(config) * seq_len))
+
+    o, s = cfg.orchestrator, cfg.sampling
+    samples = o.prompts_per_step * s.samples_per_prompt
+    response = assume.response_frac * s.max_response_tokens
+    prompt = cfg.data.max_prompt_tokens / 2
+    seqs = [int(prompt + response)] * samples
+    train_flops = (model_flops(config, seqs, 0) * cfg.trainer.ppo_epochs
+                   + model_flops(config, seqs, step_forwards(cfg)) - model_flops(config, seqs, 0))
+    tr_gpus = trainer_ranks(cfg)
+    inf_gpus = max(1, cfg.slurm.inference.nodes * cfg.slurm.inference.gpus_per_node)
+    train_s = train_flops / (tr_gpus * assume.gpu_tflops * 1e12 * assume.mfu)
+    sample_s = samples * response / (inf_gpus * assume.decode_tok_s)
+    sync_s = 2 * 2 * n_params / (assume.fs_gb_s * 1e9)  # write bf16 weights, servers read them
+    step_s = (sample_s + train_s if o.async_level == 0 else max(sample_s, train_s)) + sync_s
+    steps = cfg.run.max_steps or 0
+    hours = steps * step_s / 3600
+    gpus = tr_gpus + inf_gpus
+    fits = trainer_peak <= gpu_gib
+    return {
+        "stage": cfg.run.stage, "model": cfg.model.name, "params": n_params, "gpu_memory_gib": gpu_gib,
+        "micro_batch": lengths, "trainer_ranks": tr_gpus, "zero_stage": cfg.trainer.deepspeed.zero_stage,
+        "activation_checkpointing": cfg.trainer.deepspeed.activation_checkpointing,
+        "trainer": {k: round(v, 2) for k, v in trainer.items()}, "trainer_peak_gib": round(trainer_peak, 2),
+        "inference": {"weights_gib": round(weights_gib, 2), "kv_cache_gib": round(kv_gib, 2),
+                      "max_model_len": seq_len, "concurrent_sequences": concurrent},
+        "time": {"sample_s": round(sample_s, 1), "train_s": round(train_s, 1), "weights_sync_s": round(sync_s, 1),
+                 "step_s": round(step_s, 1), "steps": steps, "hours": round(hours, 1),
+                 "gpu_hours": round(hours * gpus, 1), "gpus": gpus},
+        "assumptions": dataclasses.asdict(assume),
+        "fits": fits,
+    }
+
+
+def refusal(p: dict[str, Any]) -> str | None:
+    """Why a plan does not fit, in one line naming the keys to change; None when it fits."""
+    if p["fits"]:
+        return None
+    return (f"stage {p['stage']}: the trainer needs {p['trainer_peak_gib']:.1f} GiB per GPU, more than "
+            f"slurm.gpu_memory_gib ({p['gpu_memory_gib']:g}): set trainer.deepspeed.activation_checkpointing=true, "
+            "lower trainer.micro_batch_tokens (not below the longest sequence), or add trainer GPUs "
+            "(slurm.trainer.gpus_per_node, .nodes); --force submits anyway")
+
+
+def table(p: dict[str, Any]) -> str:
+    """The plan as a short table."""
+    t, i, tm, a = p["trainer"], p["inference"], p["time"], p["assumptions"]
+    row = "+".join(map(str, sorted(set(p["micro_batch"]), reverse=True)))
+    lines = [
+        f"# plan of stage {p['stage']}: {p['model']} ({p['params'] / 1e9:.2f} B parameters)",
+        f"trainer, per GPU ({p['trainer_ranks']} rank(s), ZeRO-{p['zero_stage']}, activation checkpointing "
+        f"{'on' if p['activation_checkpointing'] else 'off'}), one micro-batch of {sum(p['micro_batch'])} tokens "
+        f"({len(p['micro_batch'])} sequence(s), {row}) traced on the meta device:",
+        f"  weights (policy + reference, bf16) {t['weights_gib']:7.2f} GiB",
+        f"  activations and transients         {t['activations_gib']:7.2f} GiB",
+        f"  gradients (ZeRO share)             {t['gradients_gib']:7.2f} GiB",
+        f"  optimizer (fp32 master + Adam)     {t['optimizer_gib']:7.2f} GiB",
+        f"  gradient bucket                    {t['bucket_gib']:7.2f} GiB",
+        f"  peak                               {p['trainer_peak_gib']:7.2f} GiB of {p['gpu_memory_gib']:g} "
+        f"(slurm.gpu_memory_gib): {'fits' if p['fits'] else 'DOES NOT FIT'}",
+        f"inference, per server: weights {i['weights_gib']:.2f} GiB, KV cache {i['kv_cache_gib']:.1f} GiB: "
+        f"{i['concurrent_sequences']} sequences of max_model_len {i['max_model_len']} at once",
+        f"time per step: sampling {tm['sample_s']:.0f} s + training {tm['train_s']:.0f} s + weights "
+        f"{tm['weights_sync_s']:.0f} s = {tm['step_s']:.0f} s; {tm['steps']} steps: {tm['hours']:.1f} h, "
+        f"{tm['gpu_hours']:.0f} GPU-hours on {tm['gpus']} GPUs",
+        f"assuming: {a['gpu_tflops']:g} TFLOP/s peak, MFU {a['mfu']:g}, {a['decode_tok_s']:g} decode tok/s per GPU, "
+        f"{a['fs_gb_s']:g} GB/s filesystem, responses {a['response_frac']:g} x max_response_tokens on average",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deepscaler.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", type=int, default=1)
+    parser.add_argument("--preset")
+    parser.add_argument("--json", action="store_true", help="end with the plan as one JSON line")
+    for field in dataclasses.fields(Assumptions):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=float, default=field.default)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = stage_config(args.stage, args.preset, args.overrides)
+        p = plan(cfg, Assumptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Assumptions)}))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(p))
+    if args.json:
+        print(json.dumps(p))
+    return 0 if p["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

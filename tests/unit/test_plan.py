@@ -1,0 +1,110 @@
+"""The memory and time planner (deepscaler/plan.py).
+
+Its trace runs the trainer's own micro-batch on the meta device, following the CUDA path of
+the varlen kernel (simulated boundary: the GPU; ``attention._on_cuda`` treats meta as CUDA).
+Here the trace is held against an allocator-level measurement of the same code on the CPU
+(torch.profiler's memory events), and the default stages against the 80 GiB of an H100.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from deepscaler import plan
+from deepscaler.config import stage_config
+from deepscaler.hf_loading import model_config
+
+REPO = Path(__file__).resolve().parents[2]
+GIB = 2**30
+
+
+def test_the_plan_command_ends_with_a_json_line_and_stage_1_fits():
+    out = subprocess.run([sys.executable, "-m", "deepscaler.plan", "--stage", "1", "--json"], capture_output=True,
+                         text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 10 < result["trainer_peak_gib"] < 80 and result["fits"]
+    assert result["micro_batch"] == [9216, 9216, 9216, 5120]  # 32768 tokens of stage 1's longest sequences
+    assert "traced on the meta device" in out.stdout and "GPU-hours" in out.stdout
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_default_stages_fit_80_gib(stage):
+    p = plan.plan(stage_config(stage))
+    assert p["fits"] and p["trainer_peak_gib"] < 80, p["trainer"]
+    assert p["inference"]["concurrent_sequences"] > 0 and p["time"]["gpu_hours"] > 0
+
+
+def test_stage_3_without_checkpointing_does_not_fit_and_submit_refuses_it(tmp_path, monkeypatch, capsys):
+    off = "trainer.deepspeed.activation_checkpointing=false"
+    p = plan.plan(stage_config(3, None, [off]))
+    assert not p["fits"] and p["trainer_peak_gib"] > 80
+    from deepscaler import submit
+
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")  # as on a login node
+    monkeypatch.setattr("deepscaler.plan.plan", lambda cfg, assume=None: p)  # the plan just computed
+    code = submit.main(["--stage", "3", "--executor", "slurm", "--output-dir", str(tmp_path), off])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "trainer.deepspeed.activation_checkpointing=true" in err
+    assert "slurm.gpu_memory_gib (80)" in err and not (tmp_path / "deepscaler").exists()
+    # --force goes past the planner (here to the next check: no Hub cache on this machine)
+    code = submit.main(["--stage", "3", "--executor", "slurm", "--output-dir", str(tmp_path), off, "--force"])
+    assert code == 2 and "Hub cache" in capsys.readouterr().err
+
+
+def profiled_peak(fn) -> int:
+    """The most bytes the CPU allocator held at once while ``fn`` ran (torch.profiler)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_the_meta_trace_agrees_with_the_allocator_on_cpu(checkpointing):
+    """A small shape whose activations are spread over layers, attention and the logits chunks."""
+    overrides = ["model.tiny.hidden_size=256", "model.tiny.num_layers=6", "model.tiny.intermediate_size=1024",
+                 "model.tiny.vocab_size=16384", "model.tiny.max_position_embeddings=4096",
+                 "trainer.micro_batch_tokens=3072", "data.max_prompt_tokens=128", "sampling.max_response_tokens=896",
+                 "trainer.logits_chunk_tokens=1024", f"trainer.deepspeed.activation_checkpointing={checkpointing}"]
+    cfg = stage_config(1, "tiny", overrides)
+    config = model_config(cfg)
+    lengths = plan.row_lengths(cfg)
+    assert lengths == [1024, 1024, 1024]
+    traced = plan.trace_micro_batch(cfg, config, lengths, device="meta", dtype=torch.float32)
+    torch.manual_seed(0)
+    measured = profiled_peak(lambda: plan.trace_micro_batch(cfg, config, lengths, device="cpu", dtype=torch.float32))
+    assert abs(traced["peak"] - measured) <= 0.10 * measured, (traced, measured)
+    assert traced["peak"] - traced["weights"] > 0.5 * traced["weights"]  # the activations are what is measured
+
+
+def test_a_tracker_counts_a_storage_once_and_frees_it():
+    memory = plan.PeakMemory()
+    with memory:
+        a = torch.empty(1000, 1000, device="meta")  # 4 MB
+        b = a * 2  # 4 MB more
+        del a
+        view = b.view(-1)  # no new storage
+        c = torch.empty(500, 1000, device="meta")  # 2 MB
+    assert (memory.peak, memory.live) == (8_000_000, 6_000_000)
+    del b, view, c
+    assert memory.live == 0
+
+
+def test_a_cpu_preset_has_nothing_to_plan():
+    from deepscaler.submit import plan_gpu_stages
+
+    assert plan_gpu_stages([stage_config(1, "tiny")]) == {}
