@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,12 @@ import yaml
 
 from deepscaler.process import umask_bits
 from deepscaler.slurm.options import time_seconds, valid_time
-from deepscaler.strict_yaml import ConfigError, apply_override, build, hint, merge, read_file
+from deepscaler.strict_yaml import ConfigError, apply_override, build, hint, merge, parse_override, read_file
 
 __all__ = ["ConfigError"]  # raised by every loader; defined with the generic checker
+
+# run.name: a directory name and part of Slurm job names.
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 # --------------------------------------------------------------------------- the tree
@@ -371,6 +375,18 @@ def find_config(name: str | os.PathLike) -> Path:
     raise ConfigError(f"{name}: no such config file{hint(p.stem, known)}")
 
 
+def refuse_repeated_keys(overrides: list[str]) -> list[str]:
+    """A key typed twice on one command line is a mistake (which one was meant?), so the
+    command lines refuse it; code that layers overrides (submit's flags) may repeat a key."""
+    seen: dict[str, str] = {}
+    for text in overrides:
+        key = parse_override(text)[0]
+        if key in seen:
+            raise ConfigError(f"override '{text}': key '{key}' is already set by '{seen[key]}' on this command line")
+        seen[key] = text
+    return list(overrides)
+
+
 def load_config(files: list[str | os.PathLike] | str | os.PathLike, overrides: list[str] = ()) -> Config:
     """Load, merge, override and validate. Raises ConfigError with a one-line message."""
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
@@ -398,7 +414,7 @@ def load_config_args(files: list[str], overrides: list[str] = ()) -> Config:
     overrides written right after the files to ``--config``, so items with ``=`` are moved
     to the overrides."""
     items = list(files) + list(overrides)
-    return load_config([i for i in items if "=" not in i], [i for i in items if "=" in i])
+    return load_config([i for i in items if "=" not in i], refuse_repeated_keys([i for i in items if "=" in i]))
 
 
 def stage_config(stage: int, preset: str | None = None, overrides: list[str] = ()) -> Config:
@@ -420,17 +436,28 @@ def validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: key '{key}' {why}")
 
     need(cfg.run.stage >= 1, "run.stage", "must be 1 or more")
+    need(bool(RUN_NAME.match(cfg.run.name)), "run.name",
+         f"({cfg.run.name!r}) must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+         "(it names a directory and the Slurm jobs)")
     try:
         umask_bits(cfg.run.umask)
     except ValueError as e:
         need(False, "run.umask", str(e))
     need(cfg.run.max_steps is None or cfg.run.max_steps >= 1, "run.max_steps", "must be 1 or more")
-    need(cfg.sampling.samples_per_prompt >= 1, "sampling.samples_per_prompt", "must be 1 or more")
+    need(cfg.sampling.samples_per_prompt >= 2, "sampling.samples_per_prompt",
+         f"({cfg.sampling.samples_per_prompt}) must be 2 or more: GRPO's advantage compares the samples of a prompt, "
+         "and a group of one always gets 0")
     need(0.0 < cfg.sampling.top_p <= 1.0, "sampling.top_p", "must be in (0, 1]")
-    need(cfg.sampling.temperature >= 0.0, "sampling.temperature", "must be 0 or more")
+    need(cfg.sampling.temperature > 0.0, "sampling.temperature",
+         f"({cfg.sampling.temperature}) must be more than 0: the loss needs the log-probs of the sampling "
+         "distribution, which greedy decoding (temperature 0) does not have")
+    need(cfg.orchestrator.prompts_per_step >= 1, "orchestrator.prompts_per_step", "must be 1 or more")
     need(cfg.sampling.max_response_tokens >= 1, "sampling.max_response_tokens", "must be 1 or more")
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be 1 or more")
     need(cfg.orchestrator.async_level >= 0, "orchestrator.async_level", "must be 0 or more")
+    need(cfg.orchestrator.async_level < cfg.checkpoint.keep_last, "orchestrator.async_level",
+         f"({cfg.orchestrator.async_level}) must be less than checkpoint.keep_last ({cfg.checkpoint.keep_last}): "
+         "retention would delete weights that sampling may still need")
     mb = cfg.trainer.mini_batches_per_step
     need(mb >= 1, "trainer.mini_batches_per_step", "must be 1 or more")
     need(
@@ -501,6 +528,10 @@ def validate(cfg: Config, source: str) -> None:
         )
 
 
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def tis_cap(cfg: Config) -> float | None:
     """The truncated importance sampling cap in force (``trainer.loss.tis_cap``; auto: 2.0
     when sampling may run ahead of the weights, else off)."""
@@ -544,7 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         parser.error("name at least one config file, e.g. yaml/stage1.yaml")
     try:
-        cfg = load_config(files, overrides)
+        for item in files:
+            if not Path(item).exists() and item.split(".")[0] in _field_names(Config):
+                raise ConfigError(f"'{item}': expected key=value (it is not a config file)")
+        cfg = load_config(files, refuse_repeated_keys(overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

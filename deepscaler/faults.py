@@ -1,8 +1,9 @@
 """Deliberate crashes at named points, for the fault-injection tests.
 
-    DEEPSCALER_FAULT=checkpoint.mid_write@4   # SIGKILL this process while writing checkpoint 4
+    DEEPSCALER_FAULT=checkpoint.mid_write@4   # SIGKILL this process while writing checkpoint 4 (several: a,b)
     DEEPSCALER_FAULT=reward.worker_hang@G      # a reward worker hangs on an item whose gold is G
     DEEPSCALER_FAULT=server.logprob_noise@0.3  # servers add N(0, 0.3) to every returned log-prob
+    DEEPSCALER_FAULT=orchestrator.random_rewards@on  # rewards are fair coin flips (seeded by the step)
 
 SIGKILL, not an exception: it is what the OOM killer and a lost node do, and nothing in
 the process gets a chance to clean up. Unset (always, outside tests), this does nothing.
@@ -23,17 +24,19 @@ def configured() -> str | None:
 
 
 def fires(fault: str | None, point: str, *keys: object) -> bool:
-    """Whether ``fault`` names ``point`` at any of ``keys`` (a step, an item's gold...)."""
-    return fault is not None and any(fault == f"{point}@{key}" for key in keys)
+    """Whether ``fault`` (one ``point@key``, or several separated by commas) names ``point``
+    at any of ``keys`` (a step, an item's gold...)."""
+    names = set(fault.split(",")) if fault else set()
+    return any(f"{point}@{key}" in names for key in keys)
 
 
 def armed(point: str) -> str | None:
     """The key ``DEEPSCALER_FAULT`` gives ``point`` (``point@key``: a number for faults that
     distort rather than crash), or None."""
-    fault = configured()
-    if fault is None or not fault.startswith(point + "@"):
-        return None
-    return fault[len(point) + 1:]
+    for fault in (configured() or "").split(","):
+        if fault.startswith(point + "@"):
+            return fault[len(point) + 1:]
+    return None
 
 
 def maybe_crash(point: str, step: int) -> None:

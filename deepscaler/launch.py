@@ -29,6 +29,7 @@ from typing import Callable
 
 from deepscaler.config import Config, server_names, to_yaml
 from deepscaler.inference.contract import TOKEN_ENV
+from deepscaler.run_lock import RunLock
 from deepscaler.stage import resolve_resume
 from deepscaler.store import LOG_TAIL_LINES, RunStore, atomic_write_text, log_tail
 
@@ -126,11 +127,37 @@ def run_stage(cfg: Config, resume: str | None = None, *,
     metrics.jsonl as this attempt's start (job id, restart count).
     """
     from deepscaler.prefetch import require_cache
-    from deepscaler.progress import Display, MetricsTail
 
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     resolve_resume(store, resume)  # a bad --resume-step fails here, before anything starts
     require_cache(cfg)  # so does a Hub cache that lost a file since submit (CacheError)
+    with RunLock(store):  # a second run of this stage is refused here, before it writes anything
+        point = restart_point(store, resume)
+        return _supervise(cfg, store, point, commands, extra_env, event, display)
+
+
+def restart_point(store: RunStore, resume: str | None) -> str | None:
+    """Decide once, for every process, where this attempt starts: the checkpoint that
+    ``--resume-step`` names, or with ``latest`` the newest one that verifies (files present, of
+    the sizes and checksums recorded at save; a damaged or unmarked one is passed over). What
+    was written after it belongs to an interrupted attempt and goes: checkpoints and weights
+    after it, rollouts from it on (the orchestrator samples them again, as a deterministic run
+    would). The trainer and the orchestrator then get the step itself, so they cannot disagree
+    about where they stand. None: a fresh start."""
+    point = resolve_resume(store, resume, checksums=True)
+    if point is None:
+        return None
+    for kind, first in (("checkpoints", point + 1), ("weights", point + 1), ("rollouts", point)):
+        dropped = store.delete_steps(kind, [s for s in store.stable_steps(kind) if s >= first])
+        if dropped:
+            print(f"restart from checkpoint {point}: discarded {kind} {dropped}", file=sys.stderr, flush=True)
+    return str(point)
+
+
+def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra_env, event, display) -> RunStore:
+    """Start the stage's processes and watch them until the trainer and the orchestrator are done."""
+    from deepscaler.progress import Display, MetricsTail
+
     run_yaml = write_run_yaml(cfg, store)
     torn = store.repair_metrics()  # no process of the stage runs yet: this one may truncate
     if torn:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from deepscaler import faults
 from deepscaler.advantages import group_advantages
 from deepscaler.config import Config, ConfigError, load_config_args, process_parser, server_names
 from deepscaler.data import DataError, build_prompts, load_problems
@@ -96,6 +97,8 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
             texts = tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
             golds = [problem.answers for problem, _, _ in batch for _ in range(group)]
             rewards = torch.tensor(scorer.score(list(zip(texts, golds))), dtype=torch.float32)
+            if faults.armed("orchestrator.random_rewards") is not None:  # tests only: the tiny random model earns none
+                rewards = torch.bernoulli(torch.full_like(rewards, 0.5), generator=torch.Generator().manual_seed(step))
             t_score = time.perf_counter() - t0 - t_weights - t_sample
 
             final = step + 1 == last

@@ -35,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from deepscaler.config import Config, ConfigError, stage_config
+from deepscaler.config import Config, ConfigError, refuse_repeated_keys, stage_config
 
 GIB = 2**30
 ADAM_BYTES = 12  # fp32 master weights and two fp32 Adam moments, per parameter
@@ -138,18 +138,15 @@ def trace_micro_batch(cfg: Config, config, lengths: list[int], *, device: str = 
     from deepscaler.config import tis_cap
     from deepscaler.trainer import attention
     from deepscaler.trainer.engine import micro_batch_loss, packed_log_probs, prepare
-    from deepscaler.trainer.packing import PackedBatch, pack
+    from deepscaler.trainer.packing import pack
 
     tc = cfg.trainer
     attn = attn or (attention.VARLEN if tc.attn_implementation in ("auto", "varlen", "flash_attention_2")
                     else attention.resolve(tc.attn_implementation, torch.device("cuda")))
     if attn == attention.VARLEN:
         attention.register()
-    cpu_batch = pack(SyntheticRollout(lengths, config.vocab_size, cfg.data.max_prompt_tokens), range(len(lengths)))
-    fields = {f.name: getattr(cpu_batch, f.name) for f in dataclasses.fields(PackedBatch)}
-    batch = PackedBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) and device != "meta"
-                           else torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
-                           for k, v in fields.items()})
+    batch = pack(SyntheticRollout(lengths, config.vocab_size, cfg.data.max_prompt_tokens), range(len(lengths)))
+    batch = batch.to(device)
     policy = build_model(config, dtype, device, attn)
     reference = build_model(config, dtype, device, attn).eval().requires_grad_(False)
     if tc.deepspeed.activation_checkpointing:
@@ -323,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = stage_config(args.stage, args.preset, args.overrides)
+        cfg = stage_config(args.stage, args.preset, refuse_repeated_keys(args.overrides))
         p = plan(cfg, Assumptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Assumptions)}))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,11 +18,13 @@ log = logging.getLogger("deepscaler.stage")
 TRAINER_STATE = "trainer_state.json"  # written into checkpoints/step_N by trainer.checkpoint
 
 
-def resolve_resume(store: RunStore, resume: str | None) -> int | None:
+def resolve_resume(store: RunStore, resume: str | None, checksums: bool = False) -> int | None:
     """``--resume-step N|latest`` -> a stable checkpoint step, or None for a fresh start.
 
     A fresh start over existing checkpoints is refused: rerunning a command by mistake must
-    not silently restart (and overwrite) a run that has progress.
+    not silently restart (and overwrite) a run that has progress. ``checksums``: ``latest``
+    also reads every file of a candidate against its recorded CRC32 (the supervisor's one
+    decision, ``deepscaler.launch.restart_point``; seconds for a 7 GB checkpoint).
     """
     steps = store.stable_steps("checkpoints")
     if resume is None:
@@ -33,10 +35,10 @@ def resolve_resume(store: RunStore, resume: str | None) -> int | None:
         return None
     if resume == "latest":
         # The newest checkpoint whose files still match their manifest: a damaged one (a
-        # truncated file, a partial copy) is skipped, never resumed from.
+        # truncated file, a partial copy, a changed byte) is skipped, never resumed from.
         for step in reversed(steps):
             try:
-                store.verify_step("checkpoints", step)
+                store.verify_step("checkpoints", step, checksums=checksums)
                 return step
             except StepCorrupt as e:
                 log.warning("skipping a damaged checkpoint: %s", e)

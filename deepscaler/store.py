@@ -40,6 +40,7 @@ import shutil
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,14 @@ def _disk_full(err: OSError, path: Path) -> "StoreError":
         free = "free space unknown"
     return DiskFull(f"{path}: {os.strerror(err.errno).lower()} while writing ({free}); "
                     f"the previous stable step is intact")
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -442,10 +451,13 @@ class RunStore:
         """The manifest in the STABLE marker: {"kind", "step", "files": {relpath: size}, ...}."""
         return read_json(self.step_dir(kind, step) / STABLE)
 
-    def verify_step(self, kind: str, step: int) -> dict:
-        """Check a stable step against its manifest (catches partial copies); returns the manifest."""
+    def verify_step(self, kind: str, step: int, checksums: bool = False) -> dict:
+        """Check a stable step against its manifest (catches partial copies), and with
+        ``checksums`` the CRC32 of each file where the manifest has one (checkpoints: catches a
+        damaged file of the right size); returns the manifest."""
         path = self.step_dir(kind, step)
         manifest = self.read_manifest(kind, step)
+        crcs = manifest.get("crc32", {}) if checksums else {}
         problems = []
         for rel, size in manifest.get("files", {}).items():
             try:
@@ -455,6 +467,8 @@ class RunStore:
                 continue
             if actual != size:
                 problems.append(f"{rel} has {actual} bytes, manifest says {size}")
+            elif rel in crcs and _crc32(path / rel) != crcs[rel]:
+                problems.append(f"{rel} does not match the checksum recorded at save")
         if problems:
             more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
             raise StepCorrupt(f"{path}: {'; '.join(problems[:3])}{more}")
@@ -520,6 +534,8 @@ class RunStore:
             raise
         _fsync_dir(final.parent)
         manifest = {"kind": kind, "step": step, "created_unix": time.time(), "files": dict(sorted(files.items()))}
+        if kind == "checkpoints":  # what a restart resumes from is checked to the byte (verify_step)
+            manifest["crc32"] = {rel: _crc32(final / rel) for rel in manifest["files"]}
         atomic_write_json(final / STABLE, manifest)
         _fsync_dir(final.parent)
 

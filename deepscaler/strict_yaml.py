@@ -168,7 +168,8 @@ def read_file(path: Path, root: type, seen: tuple[Path, ...] = ()) -> dict[str, 
         raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    raw = {} if raw is None else raw
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty (a config file holds at least one key, e.g. 'extends: base.yaml')")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     parents = raw.pop("extends", [])

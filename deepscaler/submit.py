@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from pathlib import Path
 
-from deepscaler.config import Config, ConfigError, stage_config, to_yaml
+from deepscaler.config import Config, ConfigError, refuse_repeated_keys, stage_config, to_yaml
 from deepscaler.data import DataError
 from deepscaler.process import apply_process_settings
 from deepscaler.store import RunStore, StoreError
@@ -33,7 +34,7 @@ def parse_stages(args: argparse.Namespace) -> list[int]:
 
 def resolve(args: argparse.Namespace) -> list[Config]:
     """One resolved config per stage, with the CLI flags applied as overrides."""
-    overrides = list(args.overrides)
+    overrides = refuse_repeated_keys(args.overrides)
     if args.output_dir is not None:
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.max_steps is not None:
@@ -139,11 +140,31 @@ def main(argv: list[str] | None = None) -> int:
                 print(dry_run_script(cfg, dependency=f"afterok:<job of stage {configs[i - 1].run.stage}>" if i else None))
             print(to_yaml(cfg), end="")
         return 0
+    root = Path(configs[0].run.output_dir)
+    if root.exists() and not root.is_dir():
+        print(f"error: run.output_dir '{root}' is a file, not a directory", file=sys.stderr)
+        return 2
+    first = RunStore(configs[0].run.output_dir, configs[0].run.name, configs[0].run.stage)
+    from deepscaler.run_lock import live_holder, refusal
+
+    for cfg in configs:  # a stage that another run is running: refused before anything is written
+        store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
+        other = live_holder(store)
+        if other is not None:
+            print(f"error: {refusal(store, other)}", file=sys.stderr)
+            return 2
+    try:  # a bad --resume-step, or a rerun over a run with progress, before anything is written
+        from deepscaler.stage import resolve_resume
+
+        resolve_resume(first, args.resume_step)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not args.force:  # before any job asks for GPUs: a stage that cannot fit them must not start
-        from deepscaler.plan import refusal
+        from deepscaler.plan import refusal as plan_refusal
 
         for p in plans.values():
-            why = refusal(p)
+            why = plan_refusal(p)
             if why:
                 print(f"error: {why}", file=sys.stderr)
                 return 2
@@ -153,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     except CacheError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:  # an unusable output dir (read-only, full) fails here, in one line, before anything runs
+        for cfg in configs:
+            RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage).ensure_dirs()
+    except OSError as e:
+        print(f"error: run.output_dir '{configs[0].run.output_dir}': cannot create "
+              f"{e.filename or 'the run directory'}: {e.strerror}", file=sys.stderr)
+        return 2
+    if args.resume_step == "latest" and not first.stable_steps("checkpoints"):
+        print(f"notice: --resume-step latest: no checkpoint in {first.checkpoints_dir}; starting from step 0 "
+              "(is run.output_dir or run.name mistyped?)", file=sys.stderr, flush=True)
     if executor == "slurm":
         from deepscaler.slurm.stage_job import submit_stages
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deepscaler.config import ConfigError
+from deepscaler.config import ConfigError, refuse_repeated_keys
 from deepscaler.data import BENCHMARKS, DataError
 from deepscaler.eval.hub import UploadError, check_repo_id, upload_plan, upload_step
 from deepscaler.eval.report import ReportError, write_report
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "upload":
         return _upload(args)
     try:
+        refuse_repeated_keys(getattr(args, "overrides", []))
         if args.command == "run":
             request = EvalRequest(model=args.model, output_dir=args.output_dir, run=args.run, stage=args.stage,
                                   benchmarks=args.benchmarks, preset=args.preset, seed=args.seed,

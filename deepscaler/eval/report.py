@@ -11,6 +11,7 @@ AIME 2024 score as reference lines).
 from __future__ import annotations
 
 import io
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,10 @@ def plot(store: RunStore, results: dict[int | str, dict[str, dict]]) -> bytes:
 def write_report(store: RunStore) -> tuple[Path, Path]:
     """Write ``evals/report.md`` and ``evals/eval.png`` (atomically) and return their paths."""
     results = summaries(store)
+    if not results:
+        raise ReportError(f"{store.evals_dir}: no evaluation yet; make them with: python -m deepscaler.eval sweep "
+                          f"--output-dir {shlex.quote(str(store.output_dir))} --run {shlex.quote(store.run)} "
+                          f"--stage {store.stage} --wait")
     md = atomic_write_text(store.evals_dir / "report.md", markdown(store, results))
     png = atomic_write_bytes(store.evals_dir / "eval.png", plot(store, results))
     return md, png

@@ -30,6 +30,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from deepscaler.config import ConfigError
+
 # The key under which transformers finds our kernel (config.attn_implementation).
 VARLEN = "deepscaler_varlen"
 # trainer.attn_implementation -> transformers' name.
@@ -37,8 +39,9 @@ IMPLEMENTATIONS = {"varlen": VARLEN, "flash_attention_2": "flash_attention_2", "
                    "flex_attention": "flex_attention"}
 
 
-class AttentionError(ValueError):
-    """An attention implementation that cannot run here. The message is one line."""
+class AttentionError(ConfigError):
+    """An attention implementation that cannot run here. The message is one line (the trainer
+    prints it as a config error and exits 2)."""
 
 
 def flash_attn_available() -> bool:

@@ -11,6 +11,7 @@ Read it top to bottom; the pieces it calls are small and live beside it.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import sys
 import time
@@ -136,6 +137,8 @@ def train(cfg: Config, resume: str | None = None) -> int:
         t_train = time.perf_counter() - t0 - t_wait
         if rollout.extra.get("final"):
             last_step = step  # the orchestrator's last batch (one epoch when run.max_steps is unset)
+        record = _step_metrics(stats, prepared, rollout, engine, cfg.trainer.ppo_epochs, t_wait, t_train, t_train)
+        refuse_non_finite(record, step, store)  # before these weights reach a server or a checkpoint
 
         publish(store, step, engine, tokenizer, dtype, dist)
         if step % cfg.checkpoint.interval == 0 or step == last_step:
@@ -146,14 +149,30 @@ def train(cfg: Config, resume: str | None = None) -> int:
             store.apply_retention("weights", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
                                   protected=store.pending_evals())
             store.apply_retention("checkpoints", KEEP_CHECKPOINTS)
-        record = _step_metrics(stats, prepared, rollout, engine, cfg.trainer.ppo_epochs, t_wait, t_train,
-                               time.perf_counter() - t0)
+        record["time_step_s"] = time.perf_counter() - t0
         if dist.is_main:
             store.append_metrics({"source": "trainer", "step": step, **record})
             log.info("step %d: loss %.4f kl %.5f entropy %.3f grad_norm %.3f %.0f tok/s",
                      step, record["pg_loss"], record["kl"], record["entropy"], record["grad_norm"], record["tokens_per_s"])
         maybe_crash("trainer.after_step", step)
     return step
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm. The message is one line."""
+
+
+def refuse_non_finite(record: dict, step: int, store: RunStore) -> None:
+    """Stop at a step whose loss terms or gradient norm are not finite: its weights are never
+    published, and a resume starts from the newest checkpoint before it."""
+    keys = ("pg_loss", "kl", "entropy", "grad_norm")
+    bad = {k: record[k] for k in keys if record.get(k) is not None and not math.isfinite(record[k])}
+    if bad:
+        latest = store.latest_stable("checkpoints")
+        raise TrainingDiverged(
+            f"step {step}: {', '.join(f'{k} {v}' for k, v in bad.items())}: stopped before publishing these weights; "
+            f"resume with --resume-step {latest if latest is not None else 'latest'} and a lower "
+            "trainer.optimizer.lr, or check the rollouts of this step")
 
 
 def publish(store: RunStore, step: int, engine, tokenizer, dtype: str, dist) -> None:
@@ -231,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         close_distributed()
     return 0

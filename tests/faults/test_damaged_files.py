@@ -4,11 +4,14 @@ newest checkpoint. The resume detects each, skips or repairs it, says so, and fi
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from deepscaler.store import RunStore
 from tests.integration.test_loop import REPO, submit_argv
@@ -33,8 +36,10 @@ def test_resume_skips_or_repairs_damaged_files_and_reports_them(reference_stage:
                              text=True, cwd=REPO, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "ended in a torn line" in resumed.stderr  # repaired, and said so
+    # The supervisor decided the restart point once, for both processes, and said why.
+    assert "skipping a damaged checkpoint" in resumed.stderr and "step_4" in resumed.stderr
+    assert "restart from checkpoint 2: discarded checkpoints [4]" in resumed.stderr
     trainer_log = (store.logs_dir / "trainer.log").read_text()
-    assert "skipping a damaged checkpoint" in trainer_log and "step_4" in trainer_log
     assert "removed an unfinished step left by a crash" in trainer_log and "step_9" in trainer_log
     assert "removed an unfinished step" in (store.logs_dir / "orchestrator.log").read_text()
     start = [r for r in store.read_metrics().records if r.get("source") == "trainer" and r.get("event") == "start"]
@@ -46,3 +51,34 @@ def test_resume_skips_or_repairs_damaged_files_and_reports_them(reference_stage:
             store.verify_step(kind, step)
     assert store.stable_steps("checkpoints") == [2, 4] and store.is_stable("weights", 4)
     assert not (store.weights_dir / "step_9").exists() and not (store.rollouts_dir / "step_7.tmp-0123abcd").exists()
+    assert_same_weights(store, reference_stage, 4)  # as if run from checkpoint 2 without the damage
+
+
+def assert_same_weights(store: RunStore, reference: RunStore, step: int) -> None:
+    got, expected = (load_file(s.step_dir("weights", step) / "model.safetensors") for s in (store, reference))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+@pytest.mark.parametrize("damage", ["truncated rank file", "no STABLE marker"])
+def test_a_damaged_newest_checkpoint_restarts_both_sides_from_the_one_before(reference_stage: RunStore, tmp_path: Path,
+                                                                            damage: str) -> None:
+    """The trainer and the orchestrator start from the same checkpoint, so neither waits for a
+    step the other will never write (both cases hung for hours before), and the weights come
+    out as a run from that checkpoint gives them (deterministic CPU). Longer than the first run:
+    a stale 'final' rollout of the shorter run must not stop the trainer early."""
+    shutil.copytree(reference_stage.output_dir, tmp_path, dirs_exist_ok=True)
+    store = RunStore(tmp_path, "tiny", 1)
+    newest = store.step_path("checkpoints", 4)
+    if damage == "truncated rank file":
+        rank = newest / "rank_0.safetensors"
+        os.truncate(rank, 1000)
+    else:
+        (newest / "STABLE").unlink()
+    # keep_last=5 keeps weights/step_4 past retention so it can be compared with the reference.
+    resumed = subprocess.run(submit_argv(tmp_path, "--resume-step", "latest", "checkpoint.keep_last=5", steps=6),
+                             capture_output=True,
+                             text=True, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    start = [r for r in store.read_metrics().records if r.get("source") == "trainer" and r.get("event") == "start"]
+    assert start[-1]["resumed_from"] == 2 and store.is_stable("weights", 6)
+    assert_same_weights(store, reference_stage, 4)

@@ -144,3 +144,16 @@ def test_the_first_update_takes_its_ratio_against_the_trainers_own_log_probs(dis
     else:
         assert first_ratio != 1.0 and first_clip > 0.1
         assert sums == {}  # no extra pass: nothing to compare
+
+
+def test_a_non_finite_step_is_refused_before_its_weights_are_published(tmp_path):
+    from deepscaler.store import RunStore
+    from deepscaler.trainer.train import TrainingDiverged, refuse_non_finite
+
+    store = RunStore(tmp_path, "run", 1)
+    refuse_non_finite({"pg_loss": 0.1, "kl": 0.0, "entropy": 2.0, "grad_norm": None}, 3, store)  # fine
+    with pytest.raises(TrainingDiverged) as err:
+        refuse_non_finite({"pg_loss": float("nan"), "kl": 0.0, "entropy": 2.0, "grad_norm": float("inf")}, 7, store)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("step 7: pg_loss nan, grad_norm inf: stopped before publishing")
+    assert "--resume-step latest" in msg and "trainer.optimizer.lr" in msg

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from deepscaler.eval.metrics import format_line
-from deepscaler.eval.report import markdown, summaries, write_report
+from deepscaler.eval.report import ReportError, markdown, summaries, write_report
 from deepscaler.store import RunStore
 
 
@@ -51,7 +51,9 @@ def test_report_files_and_png(store: RunStore) -> None:
     assert store.read_evals().keys() == {"base", 100, 200, 300}  # the report files are no results
 
 
-def test_report_with_no_evals_still_draws(tmp_path: Path) -> None:
+def test_report_with_no_evals_names_the_command_that_makes_them(tmp_path: Path) -> None:
     store = RunStore(tmp_path, "exp", 1)
-    md, png = write_report(store)
-    assert "| Model |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ReportError, match=r"no evaluation yet; make them with: python -m deepscaler.eval sweep "
+                                          r".* --run exp --stage 1"):
+        write_report(store)
+    assert not store.evals_dir.exists() or not any(store.evals_dir.iterdir())  # nothing written

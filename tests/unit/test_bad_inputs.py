@@ -1,0 +1,107 @@
+"""Bad settings and bad command lines are refused before anything runs: exit 2, one line that
+names the key or the file, no traceback, and nothing written under the output dir.
+
+Each case runs a real command line (the module's ``main``; a few also as a process, to see
+that no traceback reaches the terminal)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# (command, argv after the output dir options, words the one line must hold)
+CASES = [
+    ("config", ["yaml/stage1.yaml", "sampling.temperature=0"], ["sampling.temperature", "more than 0"]),
+    ("config", ["yaml/stage1.yaml", "sampling.temperature=-1"], ["sampling.temperature"]),
+    ("config", ["yaml/stage1.yaml", "sampling.samples_per_prompt=1"], ["sampling.samples_per_prompt", "2 or more"]),
+    ("config", ["yaml/stage1.yaml", "orchestrator.prompts_per_step=0"], ["orchestrator.prompts_per_step"]),
+    ("config", ["yaml/stage1.yaml", "orchestrator.async_level=3"], ["orchestrator.async_level", "keep_last"]),
+    ("config", ["yaml/stage1.yaml", "run.name=a/b"], ["run.name"]),
+    ("config", ["yaml/stage1.yaml", "run.name=" + "x" * 65], ["run.name", "1-64"]),
+    ("config", ["yaml/stage1.yaml", "run.name=.hidden"], ["run.name"]),
+    ("config", ["yaml/stage1.yaml", "run.seed=1", "run.seed=2"], ["run.seed", "already set"]),
+    ("config", ["yaml/stage1.yaml", "trainer.optimizer.lr"], ["trainer.optimizer.lr", "expected key=value"]),
+    ("config", ["yaml/stage1.yaml", "trainer.optimiser.lr=1"], ["trainer.optimiser", "did you mean"]),
+    ("config", ["yaml/stage1.yaml", "trainer.optimizer.lr=fast"], ["trainer.optimizer.lr", "a number"]),
+    ("config", ["yaml/stage1.yaml", "trainer.optimizer.lr=0"], ["trainer.optimizer.lr", "positive"]),
+    ("config", ["yaml/stage1.yaml", "sampling.top_p=1.5"], ["sampling.top_p"]),
+    ("config", ["yaml/stage1.yaml", "trainer.loss.tis_cap=0.5"], ["trainer.loss.tis_cap"]),
+    ("config", ["yaml/stage1.yaml", "trainer.loss.clip_ratio_c=1"], ["trainer.loss.clip_ratio_c"]),
+    ("config", ["yaml/stage1.yaml", "trainer.loss.old_logprobs=inference", "trainer.loss.tis_cap=2"],
+     ["trainer.loss.tis_cap", "old_logprobs"]),
+    ("config", ["yaml/stage2.yaml", "slurm.colocate=true"], ["slurm.colocate", "do not fit"]),
+    ("config", ["yaml/stage1.yaml", "slurm.time=2 days"], ["slurm.time"]),
+    ("config", ["yaml/stage1.yaml", "run.umask=0777"], ["run.umask"]),
+    ("config", ["{empty}"], ["empty.yaml", "empty"]),
+    ("config", ["{bad_yaml}"], ["bad.yaml", "invalid YAML"]),
+    ("config", ["yaml/nope.yaml"], ["nope.yaml", "no such config file"]),
+    ("submit", ["--stage", "1", "--preset", "tiny", "sampling.temperature=0"], ["sampling.temperature"]),
+    ("submit", ["--stage", "1", "--preset", "tiny", "run.name=a b"], ["run.name"]),
+    ("submit", ["--stages", "1,x", "--preset", "tiny"], ["--stages"]),
+    ("submit", ["--stage", "1", "--preset", "nope"], ["nope", "no such config file"]),
+    ("submit", ["--stage", "1", "--preset", "tiny", "--resume-step", "abc"], ["--resume-step", "abc"]),
+    ("submit", ["--stage", "1", "--preset", "tiny", "--executor", "local", "--output-dir", "{a_file}"],
+     ["run.output_dir", "is a file"]),
+    ("plan", ["--stage", "1", "trainer.micro_batch_tokens=0"], ["trainer.micro_batch_tokens"]),
+    ("eval", ["report", "--output-dir", "{out}"], ["no run"]),
+]
+
+
+def main_of(command: str):
+    from deepscaler import config, plan, submit
+    from deepscaler.eval import cli
+
+    return {"config": config.main, "submit": submit.main, "plan": plan.main, "eval": cli.main}[command]
+
+
+def fill(argv: list[str], tmp_path: Path) -> list[str]:
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "bad.yaml").write_text("run: [unclosed\n")
+    (tmp_path / "a_file").write_text("not a directory")
+    names = {"{empty}": tmp_path / "empty.yaml", "{bad_yaml}": tmp_path / "bad.yaml", "{a_file}": tmp_path / "a_file",
+             "{out}": tmp_path / "out"}
+    return [str(names.get(a, a)) for a in argv]
+
+
+@pytest.mark.parametrize("command, argv, words", CASES, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(command, argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = fill(argv, tmp_path)
+    if command == "submit" and "--output-dir" not in argv:
+        argv = [*argv, "--output-dir", str(out), "--executor", "local"]
+    assert main_of(command)(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not any(out.iterdir()), sorted(out.rglob("*"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["deepscaler.config", "yaml/stage1.yaml", "sampling.temperature=0"],
+    ["deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local", "sampling.samples_per_prompt=1"],
+])
+def test_no_traceback_reaches_the_terminal(argv, tmp_path):
+    done = subprocess.run([sys.executable, "-m", *argv, *(["--output-dir", str(tmp_path)] if "submit" in argv[0] else [])],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_resume_latest_without_a_checkpoint_says_it_starts_from_step_0(tmp_path, monkeypatch, capsys):
+    """A mistyped output dir would otherwise start a new run silently (here the run then stops at
+    the next check: an unknown key is not the point, the notice before it is)."""
+    from deepscaler import submit
+
+    monkeypatch.setattr("deepscaler.launch.run_stage", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code = submit.main(["--stage", "1", "--preset", "tiny", "--executor", "local", "--output-dir", str(tmp_path),
+                        "--resume-step", "latest"])
+    err = capsys.readouterr().err
+    assert code == 130 and "notice: --resume-step latest: no checkpoint in" in err and "starting from step 0" in err
