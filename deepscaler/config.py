@@ -26,7 +26,8 @@ import yaml
 
 from deepscaler.process import umask_bits
 from deepscaler.slurm.options import time_seconds, valid_time
-from deepscaler.strict_yaml import ConfigError, apply_override, build, hint, merge, parse_override, read_file
+from deepscaler.strict_yaml import (ConfigError, apply_override, build, flags_to_overrides, hint, merge, parse_override,
+                                    read_file)
 
 __all__ = ["ConfigError"]  # raised by every loader; defined with the generic checker
 
@@ -333,6 +334,12 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    # Log level of every process of the stage (the trainer, the orchestrator, the servers).
+    level: Literal["debug", "info", "warning"] = "info"
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -344,6 +351,7 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -398,6 +406,17 @@ def load_config(files: list[str | os.PathLike] | str | os.PathLike, overrides: l
     cfg = build(Config, data)
     validate(cfg, " + ".join([str(f) for f in files] + list(overrides)) or "defaults")
     return cfg
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_intermixed_args`` after turning ``--a.b value`` flags into ``a.b=value``
+    overrides (:func:`flags_to_overrides`); every command of the package parses this way."""
+    try:
+        argv = flags_to_overrides(sys.argv[1:] if argv is None else list(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return parser.parse_intermixed_args(argv)
 
 
 def process_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -569,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Print the fully resolved config as YAML. Later files and key=value overrides win.",
     )
     parser.add_argument("items", nargs="+", metavar="FILE|key=value")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_command_line(parser, argv)
     files = [a for a in args.items if "=" not in a]
     overrides = [a for a in args.items if "=" in a]
     if not files:

@@ -23,11 +23,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from deepscaler.config import Config, server_names, to_yaml
+from deepscaler.handover import ATTEMPT_ENV
 from deepscaler.inference.contract import TOKEN_ENV
 from deepscaler.run_lock import RunLock
 from deepscaler.stage import resolve_resume
@@ -163,7 +165,8 @@ def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra
     if torn:
         print(f"warning: {store.metrics_path} ended in a torn line ({torn} bytes, a crash mid-write); removed",
               file=sys.stderr, flush=True)
-    env = {**os.environ, **(extra_env or {}), TOKEN_ENV: secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(extra_env or {}), TOKEN_ENV: secrets.token_hex(16), "PYTHONUNBUFFERED": "1",
+           ATTEMPT_ENV: uuid.uuid4().hex[:12]}  # waits trust only this attempt's hand-over files
     if cfg.run.hub_offline:
         env["HF_HUB_OFFLINE"] = "1"
     metrics = MetricsTail.from_end(store)

@@ -23,8 +23,9 @@ import torch
 
 from deepscaler import faults
 from deepscaler.advantages import group_advantages
-from deepscaler.config import Config, ConfigError, load_config_args, process_parser, server_names
+from deepscaler.config import Config, ConfigError, load_config_args, parse_command_line, process_parser, server_names
 from deepscaler.data import DataError, build_prompts, load_problems
+from deepscaler.handover import Reporter, watch
 from deepscaler.hf_loading import load_tokenizer, model_source
 from deepscaler.inference.client import InferenceClient, Sample, ServerError, log_tail, sync_weights, wait_for_servers
 from deepscaler.process import apply_process_settings, usable_cpus
@@ -65,71 +66,77 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
         log.info("nothing to do: rollouts up to step %d exist", last - 1)
         return last - 1
 
-    names = server_names(cfg)
-    clients = wait_for_servers(store, names, cfg.inference.startup_timeout_s)
-    for c in clients.values():
-        c.timeout_s = cfg.orchestrator.request_timeout_s
-    loaded = {name: c.health()["weight_step"] for name, c in clients.items()}  # weights each server holds
-    pool = ThreadPoolExecutor(len(clients), thread_name_prefix="server")
-    store.append_metrics({"source": "orchestrator", "event": "start", "step": step, "servers": names,
-                          "problems": len(prompts), "prompts_dropped": dropped, "records_skipped": len(skipped)})
+    # Where this side stands (the rollouts step it writes next), for the trainer's waits; from
+    # here on, so that a trainer waiting during the servers' start-up sees this side alive.
+    with Reporter(store, "orchestrator", step) as report:
+        names = server_names(cfg)
+        clients = wait_for_servers(store, names, cfg.inference.startup_timeout_s)
+        for c in clients.values():
+            c.timeout_s = cfg.orchestrator.request_timeout_s
+        loaded = {name: c.health()["weight_step"] for name, c in clients.items()}  # weights each server holds
+        pool = ThreadPoolExecutor(len(clients), thread_name_prefix="server")
+        store.append_metrics({"source": "orchestrator", "event": "start", "step": step, "servers": names,
+                              "problems": len(prompts), "prompts_dropped": dropped, "records_skipped": len(skipped)})
 
-    # ------------------------------------------------------------------ the loop
-    rc = cfg.orchestrator.reward
-    with BatchScorer(rc.workers or None, rc.deadline_s, literal_integers=rc.integer_answers == "literal") as scorer:
-        log.info("reward pool of %d worker(s); %d usable CPU(s)", scorer.num_workers, usable_cpus())
-        while step < last:
-            t0 = time.perf_counter()
-            # Sample with weights at most async_level steps old: wait for them, load them.
-            required = max(start, step - cfg.orchestrator.async_level)
-            store.wait_for_step("weights", required, cfg.orchestrator.weights_timeout_s)
-            weight_step = update_servers(store, clients, loaded, pool, required)
-            t_weights = time.perf_counter() - t0
+        # ------------------------------------------------------------------ the loop
+        rc = cfg.orchestrator.reward
+        with BatchScorer(rc.workers or None, rc.deadline_s, literal_integers=rc.integer_answers == "literal") as scorer:
+            log.info("reward pool of %d worker(s); %d usable CPU(s)", scorer.num_workers, usable_cpus())
+            while step < last:
+                t0 = time.perf_counter()
+                # Sample with weights at most async_level steps old: wait for them, load them.
+                required = max(start, step - cfg.orchestrator.async_level)
+                store.wait_for_step("weights", required, cfg.orchestrator.weights_timeout_s, or_newer=True,
+                                    check=watch(store, "weights", required, or_newer=True))
+                weight_step = update_servers(store, clients, loaded, pool, required)
+                t_weights = time.perf_counter() - t0
 
-            indices, progress = next_batch(len(prompts), per_step, progress)
-            batch = [prompts[i] for i in indices]
-            seed = cfg.run.seed * 1_000_003 + step
-            sampled = sample(clients, pool, [ids for _, _, ids in batch], group, cfg, seed)
-            check_fresh(sampled, step, required)
-            samples = [s for _, _, group_samples in sampled for s in group_samples]
-            t_sample = time.perf_counter() - t0 - t_weights
+                indices, progress = next_batch(len(prompts), per_step, progress)
+                log.debug("step %d: problems %s, data progress %s", step, [prompts[i][0].id for i in indices], progress)
+                batch = [prompts[i] for i in indices]
+                seed = cfg.run.seed * 1_000_003 + step
+                sampled = sample(clients, pool, [ids for _, _, ids in batch], group, cfg, seed)
+                check_fresh(sampled, step, required)
+                samples = [s for _, _, group_samples in sampled for s in group_samples]
+                t_sample = time.perf_counter() - t0 - t_weights
 
-            texts = tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
-            golds = [problem.answers for problem, _, _ in batch for _ in range(group)]
-            rewards = torch.tensor(scorer.score(list(zip(texts, golds))), dtype=torch.float32)
-            if faults.armed("orchestrator.random_rewards") is not None:  # tests only: the tiny random model earns none
-                rewards = torch.bernoulli(torch.full_like(rewards, 0.5), generator=torch.Generator().manual_seed(step))
-            t_score = time.perf_counter() - t0 - t_weights - t_sample
+                texts = tokenizer.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
+                golds = [problem.answers for problem, _, _ in batch for _ in range(group)]
+                rewards = torch.tensor(scorer.score(list(zip(texts, golds))), dtype=torch.float32)
+                if faults.armed("orchestrator.random_rewards") is not None:  # tests only: the tiny random model earns none
+                    rewards = torch.bernoulli(torch.full_like(rewards, 0.5), generator=torch.Generator().manual_seed(step))
+                t_score = time.perf_counter() - t0 - t_weights - t_sample
 
-            final = step + 1 == last
-            rollout = Rollout.from_sequences(
-                step=step,
-                weight_step=min(served for _, served, _ in sampled),
-                group_size=group,
-                problem_ids=[problem.id for problem, _, _ in batch],
-                prompt_ids=[ids for _, _, ids in batch for _ in range(group)],
-                response_ids=[s.token_ids for s in samples],
-                response_logprobs=[s.logprobs for s in samples],
-                rewards=rewards.tolist(),
-                advantages=group_advantages(rewards, group).tolist(),
-                truncated=[s.truncated for s in samples],
-                extra={"progress": progress, "final": final},
-            )
-            write_rollout(store, step, rollout)
-            drop_consumed_rollouts(store)
+                final = step + 1 == last
+                rollout = Rollout.from_sequences(
+                    step=step,
+                    weight_step=min(served for _, served, _ in sampled),
+                    group_size=group,
+                    problem_ids=[problem.id for problem, _, _ in batch],
+                    prompt_ids=[ids for _, _, ids in batch for _ in range(group)],
+                    response_ids=[s.token_ids for s in samples],
+                    response_logprobs=[s.logprobs for s in samples],
+                    rewards=rewards.tolist(),
+                    advantages=group_advantages(rewards, group).tolist(),
+                    truncated=[s.truncated for s in samples],
+                    extra={"progress": progress, "final": final},
+                )
+                write_rollout(store, step, rollout)
+                drop_consumed_rollouts(store)
 
-            record = {"source": "orchestrator", "step": step, "problem_ids": rollout.problem_ids,
-                      "weight_step": rollout.weight_step,
-                      "weights_loaded": weight_step, **step_stats(rewards, group, samples),
-                      "time_weights_s": t_weights, "time_sample_s": t_sample, "time_score_s": t_score,
-                      "time_step_s": time.perf_counter() - t0}
-            store.append_metrics(record)
-            log.info("step %d: reward %.3f (all solved %.2f, none %.2f) length %.0f/%d truncated %.1f%% "
-                     "weights %d, sample %.1fs score %.1fs", step, record["reward_mean"], record["solve_all"],
-                     record["solve_none"], record["response_length_mean"], record["response_length_max"],
-                     100 * record["truncation_rate"], rollout.weight_step, t_sample, t_score)
-            step += 1
-    pool.shutdown()
+                record = {"source": "orchestrator", "step": step, "problem_ids": rollout.problem_ids,
+                          "weight_step": rollout.weight_step,
+                          "weights_loaded": weight_step, **step_stats(rewards, group, samples),
+                          "time_weights_s": t_weights, "time_sample_s": t_sample, "time_score_s": t_score,
+                          "time_step_s": time.perf_counter() - t0}
+                store.append_metrics(record)
+                log.info("step %d: reward %.3f (all solved %.2f, none %.2f) length %.0f/%d truncated %.1f%% "
+                         "weights %d, sample %.1fs score %.1fs", step, record["reward_mean"], record["solve_all"],
+                         record["solve_none"], record["response_length_mean"], record["response_length_max"],
+                         100 * record["truncation_rate"], rollout.weight_step, t_sample, t_score)
+                step += 1
+                report.at(step)
+        pool.shutdown()
     return step - 1
 
 
@@ -266,7 +273,7 @@ def step_stats(rewards: torch.Tensor, group: int, samples) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = process_parser("python -m deepscaler.orchestrator", __doc__)
     parser.add_argument("--resume-step", help="the checkpoint the trainer resumes from, or 'latest'")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_command_line(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestrator %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: no orphan workers
     try:

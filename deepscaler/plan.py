@@ -35,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from deepscaler.config import Config, ConfigError, refuse_repeated_keys, stage_config
+from deepscaler.config import Config, ConfigError, parse_command_line, refuse_repeated_keys, stage_config
 
 GIB = 2**30
 ADAM_BYTES = 12  # fp32 master weights and two fp32 Adam moments, per parameter
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     for field in dataclasses.fields(Assumptions):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=float, default=field.default)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_command_line(parser, argv)
     try:
         cfg = stage_config(args.stage, args.preset, refuse_repeated_keys(args.overrides))
         p = plan(cfg, Assumptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Assumptions)}))

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deepscaler.config import Config, ConfigError, refuse_repeated_keys, stage_config
+from deepscaler.config import Config, ConfigError, parse_command_line, refuse_repeated_keys, stage_config
 from deepscaler.data import is_hub_id
 from deepscaler.process import apply_process_settings
 from deepscaler.store import cache_dir
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", help="where runs are written (run.output_dir); the cache defaults to <it>/cache")
     p.add_argument("--refresh", action="store_true", help="download even when the cache is complete (re-resolve main)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for deepscaler.submit")
-    args = p.parse_intermixed_args(argv)
+    args = parse_command_line(p, argv)
     try:
         overrides = refuse_repeated_keys(args.overrides)
         overrides += [f"run.output_dir={args.output_dir}"] if args.output_dir is not None else []

@@ -6,6 +6,7 @@ trainer, eval) call :func:`apply_process_settings` before they write anything.
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Parameters below which a CPU process computes with one thread (see one_thread_if_small).
@@ -29,8 +30,11 @@ def apply_process_settings(cfg, *, job: bool = True) -> None:
     """What every entry point does once it has its config, before it writes anything: set the
     run's umask (``run.umask``), and in a job process (``job``: not the login-node commands
     submit and prefetch) with ``run.hub_offline`` set ``HF_HUB_OFFLINE=1`` for itself and its
-    children, so nothing reaches for the Hub (``deepscaler/prefetch.py``)."""
+    children, so nothing reaches for the Hub (``deepscaler/prefetch.py``), and the log level
+    (``log.level``)."""
     os.umask(umask_bits(cfg.run.umask))
+    # Our loggers only (deepscaler.*): debug from torch, DeepSpeed or urllib3 would drown them.
+    logging.getLogger("deepscaler").setLevel(cfg.log.level.upper())
     if job and cfg.run.hub_offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -44,7 +44,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 from deepscaler.errors import one_line
 
@@ -401,6 +401,11 @@ class RunStore:
     def servers_dir(self) -> Path:
         return self.root / "servers"
 
+    @property
+    def handover_dir(self) -> Path:
+        """``handover/<role>.json``: where each producer of steps stands (``deepscaler.handover``)."""
+        return self.root / "handover"
+
     def kind_dir(self, kind: str) -> Path:
         return self.root / _check_kind(kind)
 
@@ -474,24 +479,36 @@ class RunStore:
             raise StepCorrupt(f"{path}: {'; '.join(problems[:3])}{more}")
         return manifest
 
-    def wait_for_step(self, kind: str, step: int, timeout_s: float, poll_s: float = 1.0) -> Path:
-        """Block until ``step_N`` is stable (e.g. the orchestrator waiting for weights).
+    def has_step(self, kind: str, step: int, or_newer: bool = False) -> bool:
+        """``step_N`` is stable (with ``or_newer``: it or a later one is)."""
+        if self.is_stable(kind, step):
+            return True
+        latest = self.latest_stable(kind) if or_newer else None
+        return latest is not None and latest >= step
+
+    def wait_for_step(self, kind: str, step: int, timeout_s: float, poll_s: float = 1.0, *, or_newer: bool = False,
+                      check: Callable[[float], None] | None = None) -> Path:
+        """Block until ``step_N`` (with ``or_newer``: it or a later one) is stable; returns its path.
 
         Sleeps a tenth of the time waited so far, between 20 ms and ``poll_s``: a hand-over
         is noticed at most ~10% late (each step of the loop has two), and a long wait costs
-        one ``stat`` per ``poll_s`` on the shared filesystem."""
-        path = self.step_path(kind, step)
+        one ``stat`` per ``poll_s`` on the shared filesystem. ``check(waited_s)`` runs on every
+        poll and may raise to end the wait early (``deepscaler.handover``: the producer is
+        gone)."""
         start = time.monotonic()
         while True:
-            if (path / STABLE).is_file():
-                return path
+            if self.has_step(kind, step, or_newer):
+                found = step if self.is_stable(kind, step) else self.latest_stable(kind)
+                return self.step_path(kind, found)
             waited = time.monotonic() - start
             if waited >= timeout_s:
                 latest = self.latest_stable(kind)
                 raise StepTimeout(
-                    f"waited {waited:.1f}s for {path}/{STABLE}; newest stable {kind} step: "
+                    f"waited {waited:.1f}s for {self.step_path(kind, step)}/{STABLE}; newest stable {kind} step: "
                     f"{'none' if latest is None else latest}"
                 )
+            if check is not None:
+                check(waited)
             time.sleep(max(0.0, min(max(0.02, waited / 10), poll_s, timeout_s - waited)))
 
     # ---------------------------------------------------------------- writers

@@ -185,6 +185,25 @@ def read_file(path: Path, root: type, seen: tuple[Path, ...] = ()) -> dict[str, 
     return merge(merged, check(raw, root, "", str(path)))
 
 
+def flags_to_overrides(argv: list[str]) -> list[str]:
+    """``--a.b value`` and ``--a.b=value`` as ``a.b=value``: the flag style of the recipe's own
+    commands (``--wandb.project deepscaler``). Only dotted flags are config keys, so ``--stage``
+    and friends stay options; a wrong key then fails as any override does, naming it."""
+    out, items = [], iter(argv)
+    for item in items:
+        name, sep, value = item[2:].partition("=")
+        if not item.startswith("--") or "." not in name or not name.split(".")[0].isidentifier():
+            out.append(item)
+        elif sep:
+            out.append(f"{name}={value}")
+        else:
+            value = next(items, None)
+            if value is None or value.startswith("--"):
+                raise ConfigError(f"'{item}': expected a value ('{item} VALUE' or '{name}=VALUE')")
+            out.append(f"{name}={value}")
+    return out
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b.c=value`` -> (key, value parsed as a YAML scalar/list)."""
     key, sep, value = text.partition("=")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 from pathlib import Path
 
-from deepscaler.config import Config, ConfigError, refuse_repeated_keys, stage_config, to_yaml
+from deepscaler.config import Config, ConfigError, parse_command_line, refuse_repeated_keys, stage_config, to_yaml
 from deepscaler.data import DataError
 from deepscaler.process import apply_process_settings
 from deepscaler.store import RunStore, StoreError
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    args = parse_command_line(build_parser(), argv)
     try:
         configs = resolve(args)
         apply_process_settings(configs[0], job=False)  # run.yaml, logs and the job inherit it
@@ -191,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from deepscaler.launch import LaunchError, run_stage
 
+    # kill (SIGTERM) or a closed terminal (SIGHUP) stops the stage as Ctrl-C does: this process
+    # stops every child and its children, and waits for them, before it exits.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
     for i, cfg in enumerate(configs):
         print(f"# {describe(cfg)}", flush=True)
         try:

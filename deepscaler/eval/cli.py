@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deepscaler.config import ConfigError, refuse_repeated_keys
+from deepscaler.config import ConfigError, parse_command_line, refuse_repeated_keys
 from deepscaler.data import BENCHMARKS, DataError
 from deepscaler.eval.hub import UploadError, check_repo_id, upload_plan, upload_step
 from deepscaler.eval.report import ReportError, write_report
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in parser.commands:
-        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args = parse_command_line(parser.commands[argv[0]], argv[1:])
         args.command = argv[0]
         return args
     return parser.parse_args(argv)  # help, or the error naming the valid commands

@@ -39,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from deepscaler import faults
-from deepscaler.config import Config, ConfigError, load_config_args, process_parser
+from deepscaler.config import Config, ConfigError, load_config_args, parse_command_line, process_parser
 from deepscaler.errors import is_int, one_line
 from deepscaler.inference.contract import TOKEN_ENV, Backend, BackendDead, GenerateRequest, max_model_len, request_seed
 from deepscaler.process import apply_process_settings, usable_cpus, visible_gpus
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to bind and announce (default: 127.0.0.1, or this node's IP in Slurm)")
     parser.add_argument("--port", type=int, default=0, help="0: a free port (the default)")
     parser.add_argument("--weights-step", default="latest", help="N, latest (default) or base")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_command_line(parser, argv)
     args.name = args.name.replace("{rank}", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.name} %(levelname)s %(message)s")

@@ -19,8 +19,9 @@ import time
 import numpy as np
 import torch
 
-from deepscaler.config import Config, ConfigError, load_config_args, process_parser, tis_cap
+from deepscaler.config import Config, ConfigError, load_config_args, parse_command_line, process_parser, tis_cap
 from deepscaler.faults import maybe_crash
+from deepscaler.handover import Reporter, watch
 from deepscaler.hf_loading import load_causal_lm, load_tokenizer, model_source
 from deepscaler.process import apply_process_settings, one_thread_if_small, usable_cpus, visible_gpus
 from deepscaler.rollouts import mini_batches, read_rollout
@@ -101,60 +102,66 @@ def train(cfg: Config, resume: str | None = None) -> int:
             dropped = store.delete_steps(kind, [s for s in store.stable_steps(kind) if s > step])
             if dropped:
                 log.warning("discarded %s steps %s, newer than the start step %d", kind, dropped, step)
-    # Rank 0 decides (its view of the filesystem), so every rank joins the same collectives.
-    if all_reduce_sum([float(dist.is_main and not store.is_stable("weights", step))])[0]:
-        publish(store, step, engine, tokenizer, dtype, dist)  # what the servers start from
-    last_step = first_step + total_steps
-    if dist.is_main:
-        store.append_metrics({"source": "trainer", "event": "start", "step": step, "resumed_from": resume_step,
-                              "init_from": str(init_from) if init_from else None, "world_size": dist.world_size})
-
-    # ------------------------------------------------------------------ the loop
-    while step < last_step:
-        t0 = time.perf_counter()
-        store.wait_for_step("rollouts", step, cfg.trainer.rollout_timeout_s)
-        rollout = read_rollout(store, step)
-        t_wait = time.perf_counter() - t0
-
-        # This rank's packed micro-batches of each mini-batch, then what every update needs
-        # from the policy as it is now (old log-probs, reference log-probs, IS weights).
-        minis = []
-        for indices in mini_batches(rollout, cfg.trainer.mini_batches_per_step):
-            lengths = rollout.seq_lengths
-            plan = plan_step(lengths, dist.world_size, cfg.trainer.micro_batch_tokens, indices=indices)
-            for i in oversized(lengths, cfg.trainer.micro_batch_tokens, indices):
-                log.warning("sequence %d (%d tokens) exceeds trainer.micro_batch_tokens", i, lengths[i])
-            minis.append(([pack(rollout, micro).to(device) for micro in plan[dist.rank]],
-                          sum(rollout.response_lengths[i] for i in indices)))
-        prepared = {k: float(v) for k, v in prepare(engine, ref_model, [b for batches, _ in minis for b in batches],
-                                                      cfg.trainer, cfg.sampling.temperature, tis_cap(cfg)).items()}
-        stats = []
-        for _ in range(cfg.trainer.ppo_epochs):
-            for batches, loss_tokens in minis:
-                stats.append(update(engine, batches, loss_tokens, cfg.trainer, cfg.sampling.temperature,
-                                    dist.world_size))
-        step += 1
-        t_train = time.perf_counter() - t0 - t_wait
-        if rollout.extra.get("final"):
-            last_step = step  # the orchestrator's last batch (one epoch when run.max_steps is unset)
-        record = _step_metrics(stats, prepared, rollout, engine, cfg.trainer.ppo_epochs, t_wait, t_train, t_train)
-        refuse_non_finite(record, step, store)  # before these weights reach a server or a checkpoint
-
-        publish(store, step, engine, tokenizer, dtype, dist)
-        if step % cfg.checkpoint.interval == 0 or step == last_step:
-            save_checkpoint(store, step, engine, scheduler=engine.lr_scheduler,
-                            progress={"stage_first_step": first_step, "data": rollout.extra.get("progress")})
+    # Where this side stands (the weights step it writes next), for the orchestrator's waits.
+    with Reporter(store, "trainer", step, active=dist.is_main) as report:
+        # Rank 0 decides (its view of the filesystem), so every rank joins the same collectives.
+        if all_reduce_sum([float(dist.is_main and not store.is_stable("weights", step))])[0]:
+            publish(store, step, engine, tokenizer, dtype, dist)  # what the servers start from
+        report.at(step + 1)
+        last_step = first_step + total_steps
         if dist.is_main:
-            # Steps an eval sweep has claimed (evals/step_N/PENDING) stay until evaluated.
-            store.apply_retention("weights", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
-                                  protected=store.pending_evals())
-            store.apply_retention("checkpoints", KEEP_CHECKPOINTS)
-        record["time_step_s"] = time.perf_counter() - t0
-        if dist.is_main:
-            store.append_metrics({"source": "trainer", "step": step, **record})
-            log.info("step %d: loss %.4f kl %.5f entropy %.3f grad_norm %.3f %.0f tok/s",
-                     step, record["pg_loss"], record["kl"], record["entropy"], record["grad_norm"], record["tokens_per_s"])
-        maybe_crash("trainer.after_step", step)
+            store.append_metrics({"source": "trainer", "event": "start", "step": step, "resumed_from": resume_step,
+                                  "init_from": str(init_from) if init_from else None, "world_size": dist.world_size})
+
+        # ------------------------------------------------------------------ the loop
+        while step < last_step:
+            t0 = time.perf_counter()
+            store.wait_for_step("rollouts", step, cfg.trainer.rollout_timeout_s, check=watch(store, "rollouts", step))
+            rollout = read_rollout(store, step)
+            t_wait = time.perf_counter() - t0
+
+            # This rank's packed micro-batches of each mini-batch, then what every update needs
+            # from the policy as it is now (old log-probs, reference log-probs, IS weights).
+            minis = []
+            for indices in mini_batches(rollout, cfg.trainer.mini_batches_per_step):
+                lengths = rollout.seq_lengths
+                plan = plan_step(lengths, dist.world_size, cfg.trainer.micro_batch_tokens, indices=indices)
+                for i in oversized(lengths, cfg.trainer.micro_batch_tokens, indices):
+                    log.warning("sequence %d (%d tokens) exceeds trainer.micro_batch_tokens", i, lengths[i])
+                minis.append(([pack(rollout, micro).to(device) for micro in plan[dist.rank]],
+                              sum(rollout.response_lengths[i] for i in indices)))
+            log.debug("step %d: %d micro-batch(es) on rank %d, %d tokens", step, sum(len(b) for b, _ in minis),
+                      dist.rank, sum(b.num_tokens for batches, _ in minis for b in batches))
+            prepared = {k: float(v) for k, v in prepare(engine, ref_model, [b for batches, _ in minis for b in batches],
+                                                          cfg.trainer, cfg.sampling.temperature, tis_cap(cfg)).items()}
+            stats = []
+            for _ in range(cfg.trainer.ppo_epochs):
+                for batches, loss_tokens in minis:
+                    stats.append(update(engine, batches, loss_tokens, cfg.trainer, cfg.sampling.temperature,
+                                        dist.world_size))
+            step += 1
+            t_train = time.perf_counter() - t0 - t_wait
+            if rollout.extra.get("final"):
+                last_step = step  # the orchestrator's last batch (one epoch when run.max_steps is unset)
+            record = _step_metrics(stats, prepared, rollout, engine, cfg.trainer.ppo_epochs, t_wait, t_train, t_train)
+            refuse_non_finite(record, step, store)  # before these weights reach a server or a checkpoint
+
+            publish(store, step, engine, tokenizer, dtype, dist)
+            report.at(step + 1)
+            if step % cfg.checkpoint.interval == 0 or step == last_step:
+                save_checkpoint(store, step, engine, scheduler=engine.lr_scheduler,
+                                progress={"stage_first_step": first_step, "data": rollout.extra.get("progress")})
+            if dist.is_main:
+                # Steps an eval sweep has claimed (evals/step_N/PENDING) stay until evaluated.
+                store.apply_retention("weights", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
+                                      protected=store.pending_evals())
+                store.apply_retention("checkpoints", KEEP_CHECKPOINTS)
+            record["time_step_s"] = time.perf_counter() - t0
+            if dist.is_main:
+                store.append_metrics({"source": "trainer", "step": step, **record})
+                log.info("step %d: loss %.4f kl %.5f entropy %.3f grad_norm %.3f %.0f tok/s",
+                         step, record["pg_loss"], record["kl"], record["entropy"], record["grad_norm"], record["tokens_per_s"])
+            maybe_crash("trainer.after_step", step)
     return step
 
 
@@ -241,7 +248,7 @@ def _step_metrics(stats, prepared: dict, rollout, engine, epochs: int, t_wait: f
 def main(argv: list[str] | None = None) -> int:
     parser = process_parser("python -m deepscaler.trainer", __doc__)
     parser.add_argument("--resume-step", help="a checkpoint step, or 'latest'")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_command_line(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s")
     try:
         cfg = load_config_args(args.config, args.overrides)

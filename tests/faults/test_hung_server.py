@@ -4,6 +4,7 @@ request times out, the stage fails with the server's log tail, and nothing waits
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from deepscaler import handover
 from deepscaler.orchestrator import StaleWeightsError, check_fresh
 from deepscaler.store import RunStore
 from tests.integration.test_loop import REPO, processes_using, submit_argv, wait_until
@@ -55,3 +57,29 @@ def test_stale_weights_are_refused() -> None:
     with pytest.raises(StaleWeightsError) as err:
         check_fresh(fresh, step=5, required=5)
     assert "server server1 sampled step 5 with weights step 4" in str(err.value) and err.value.server == "server1"
+
+
+def test_a_frozen_orchestrator_fails_the_stage_from_the_trainers_wait(tmp_path: Path) -> None:
+    """SIGSTOP: the process lives on, so the supervisor sees nothing (as with a lost node whose
+    srun step lingers). The trainer's wait for rollouts sees the orchestrator's hand-over file
+    stop beating and fails with one line naming both sides, well within 2 minutes."""
+    store = RunStore(tmp_path, "tiny", 1)
+    launcher = subprocess.Popen(submit_argv(tmp_path, steps=8), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO)
+    try:
+        wait_until(lambda: store.is_stable("weights", 2), 300, "the trainer's second step")
+        orchestrator = handover.read(store, "orchestrator")
+        os.kill(orchestrator.pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        out, err = launcher.communicate(timeout=180)
+    finally:
+        launcher.kill()
+    waited = time.monotonic() - frozen_at
+    assert launcher.returncode == 1 and waited < 120, f"the stage took {waited:.0f}s to notice"
+    assert "trainer exited with code 2" in err
+    line = next(x for x in (store.logs_dir / "trainer.log").read_text().splitlines() if x.startswith("error: "))
+    assert f"orchestrator (pid {orchestrator.pid} on " in line and "has not reported for" in line
+    assert "for rollouts/step_" in line and "running at step " in line
+    said = (store.logs_dir / "trainer.log").read_text()
+    assert re.search(r"waiting 3[01]s for rollouts/step_\d+; orchestrator at step \d+, reported", said)  # meanwhile
+    wait_until(lambda: not processes_using(store.run_yaml), 60, "every process of the stage to exit")

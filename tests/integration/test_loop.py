@@ -90,6 +90,57 @@ def test_problems_are_distinct_within_the_epoch(reference: RunStore) -> None:
     assert len(ids) == STEPS * 8 and len(set(ids)) == len(ids)
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (children, their forkservers and workers)."""
+    parent = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parent[int(p)] = int(fields[1])
+    found, todo = set(), [pid]
+    while todo:
+        this = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == this]
+        found.update(kids)
+        todo += kids
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for p in pids:
+        try:
+            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.add(p)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_launcher_exits_after_every_process_below_it(tmp_path: Path, sig: int) -> None:
+    """Ctrl-C or kill: the supervisor stops the servers, the trainer, the orchestrator and
+    their own children (the reward pool's forkserver and workers) before it exits itself."""
+    store = RunStore(tmp_path, "tiny", 1)
+    launcher = subprocess.Popen(submit_argv(tmp_path, steps=20), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO)
+    try:
+        wait_until(lambda: store.is_stable("weights", 2), 300, "weights step 2")
+        below = descendants(launcher.pid)
+        assert len(below) >= 4  # server, trainer, orchestrator, and the orchestrator's reward pool
+        launcher.send_signal(sig)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    left = alive(below)
+    assert not left, f"outlived the launcher: {[Path(f'/proc/{p}/cmdline').read_bytes()[:80] for p in left]}"
+    assert launcher.returncode == 130 and "interrupted: every process of the stage was stopped" in err
+
+
 def test_resume_after_killing_the_launcher_continues_exactly(reference: RunStore, tmp_path: Path) -> None:
     """SIGKILL the launcher mid-run: its children stop too; --resume-step latest then neither
     repeats nor skips a problem, and ends with bit-identical weights (deterministic CPU)."""

@@ -6,6 +6,7 @@ that no traceback reaches the terminal)."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,27 @@ def test_resume_latest_without_a_checkpoint_says_it_starts_from_step_0(tmp_path,
                         "--resume-step", "latest"])
     err = capsys.readouterr().err
     assert code == 130 and "notice: --resume-step latest: no checkpoint in" in err and "starting from step 0" in err
+
+
+@pytest.mark.parametrize("code, text", [(errno.EROFS, "Read-only file system"), (errno.ENOSPC, "No space left on device"),
+                                        (errno.EACCES, "Permission denied")])
+def test_an_unusable_output_dir_is_one_line_before_anything_runs(code, text, tmp_path, monkeypatch, capsys):
+    """Simulated boundary: the filesystem (a read-only mount, a full disk, a directory of another
+    user), as mkdir's OSError; submit must say so in one line and start nothing."""
+    from deepscaler import submit
+
+    real_mkdir = Path.mkdir
+    out = tmp_path / "out"
+
+    def mkdir(self, *args, **kwargs):
+        if self == out or out in self.parents:
+            raise OSError(code, text, str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    started = []
+    monkeypatch.setattr("deepscaler.launch.run_stage", lambda *a, **k: started.append(a))
+    assert submit.main(["--stage", "1", "--preset", "tiny", "--executor", "local", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: run.output_dir '{out}': cannot create {out}")
+    assert err.endswith(f": {text}\n") and started == []

@@ -11,6 +11,8 @@ import yaml
 from deepscaler.config import Config, ConfigError, find_config, load_config, stage_config, to_yaml, yaml_dir
 from deepscaler.slurm.options import time_minutes
 
+REPO = Path(__file__).resolve().parents[2]
+
 YAML_DIR = Path(__file__).resolve().parents[2] / "yaml"
 SHIPPED = sorted(YAML_DIR.glob("*.yaml"))
 
@@ -277,3 +279,49 @@ def test_submit_dry_run_prints_the_resolved_stages():
 def test_submit_rejects_bad_stage_list():
     out = _run("deepscaler.submit", "--stages", "1,x", "--dry-run")
     assert out.returncode == 2 and "--stages '1,x'" in out.stderr
+
+
+def test_flags_in_the_recipes_style_are_overrides():
+    from deepscaler.strict_yaml import flags_to_overrides
+
+    assert flags_to_overrides(["--stage", "1", "--log.level", "debug", "--run.name=x", "a.b=1", "--dry-run"]) == [
+        "--stage", "1", "log.level=debug", "run.name=x", "a.b=1", "--dry-run"]
+    with pytest.raises(ConfigError, match=r"'--log.level': expected a value"):
+        flags_to_overrides(["--log.level"])
+    with pytest.raises(ConfigError, match=r"'--log.level': expected a value"):
+        flags_to_overrides(["--log.level", "--dry-run"])
+
+
+@pytest.mark.parametrize("argv", [
+    [sys.executable, "-m", "deepscaler.config", "yaml/stage1.yaml", "--log.level", "debug", "--run.name=flags"],
+    [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local",
+     "--dry-run", "--log.level", "debug", "--run.name=flags"],
+])
+def test_commands_take_the_flag_style(argv):
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout[out.stdout.index("run:"):])
+    assert cfg["log"]["level"] == "debug" and cfg["run"]["name"] == "flags"
+
+
+def test_a_wrong_flag_key_is_the_override_error():
+    out = subprocess.run([sys.executable, "-m", "deepscaler.config", "yaml/stage1.yaml", "--log.levle", "debug"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "unknown key 'log.levle' (did you mean 'log.level'?)" in out.stderr
+
+
+def test_processes_take_the_flag_style_and_the_log_level(tmp_path):
+    """The trainer, orchestrator and servers share process_parser and apply_process_settings."""
+    import logging
+
+    from deepscaler.config import load_config_args, parse_command_line, process_parser
+    from deepscaler.process import apply_process_settings
+
+    args = parse_command_line(process_parser("p", "doc"), ["--config", "yaml/stage1.yaml", "--log.level", "debug"])
+    cfg = load_config_args(args.config, args.overrides)
+    try:
+        apply_process_settings(cfg, job=False)
+        assert cfg.log.level == "debug" and logging.getLogger("deepscaler.trainer").isEnabledFor(logging.DEBUG)
+    finally:
+        logging.getLogger("deepscaler").setLevel(logging.NOTSET)

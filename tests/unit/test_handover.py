@@ -1,0 +1,138 @@
+"""Waits on another process's step: they say what they wait for, and fail with one line when
+the producer ended, moved past the step, or stopped reporting (deepscaler/handover.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deepscaler import handover
+from deepscaler.handover import ATTEMPT_ENV, ProducerGone, Reporter, watch
+from deepscaler.store import RunStore, StepTimeout
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> RunStore:
+    monkeypatch.setenv(ATTEMPT_ENV, "attempt-1")
+    s = RunStore(tmp_path, "exp", 1)
+    s.ensure_dirs()
+    return s
+
+
+def write(store: RunStore, kind: str, step: int) -> None:
+    with store.write_step(kind, step) as tmp:
+        (tmp / "data.json").write_text("{}")
+
+
+def test_a_killed_producer_fails_the_wait_with_one_line_naming_both_sides(store):
+    producer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from deepscaler.handover import Reporter\nfrom deepscaler.store import RunStore\n"
+         f"with Reporter(RunStore({str(store.output_dir)!r}, 'exp', 1), 'orchestrator', 3, heartbeat_s=0.2):\n"
+         "    print('up', flush=True); time.sleep(600)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, ATTEMPT_ENV: "attempt-1"})
+    try:
+        assert producer.stdout.readline() == "up\n"
+        time.sleep(0.5)
+        producer.send_signal(signal.SIGKILL)  # no chance to say "failed": only the heartbeat stops
+        t0 = time.monotonic()
+        with pytest.raises(ProducerGone) as e:
+            store.wait_for_step("rollouts", 3, timeout_s=60, poll_s=0.1, check=watch(store, "rollouts", 3, stale_s=2))
+        waited = time.monotonic() - t0
+    finally:
+        producer.kill()
+        producer.wait()
+    message = str(e.value)
+    assert "\n" not in message and 1.5 < waited < 10
+    assert "rollouts/step_3" in message and f"orchestrator (pid {producer.pid}" in message
+    assert "running at step 3 has not reported for" in message
+
+
+def test_the_default_staleness_fails_a_wait_within_two_minutes():
+    assert handover.STALE_S + 2 * handover.HEARTBEAT_S < 120 and handover.LOG_EVERY_S <= 30
+
+
+def test_a_producer_past_the_step_fails_the_wait_at_once(store):
+    """The deadlock of a resume where each side started from a different step."""
+    with Reporter(store, "orchestrator", 9):
+        t0 = time.monotonic()
+        with pytest.raises(ProducerGone, match=r"for rollouts/step_7: orchestrator .* running at step 9: it is past "
+                                               r"step 7 and will not write it"):
+            store.wait_for_step("rollouts", 7, timeout_s=60, check=watch(store, "rollouts", 7))
+        assert time.monotonic() - t0 < 1
+
+
+def test_a_producer_that_ended_without_the_step_fails_the_wait(store):
+    with Reporter(store, "trainer", 4):
+        pass
+    with pytest.raises(ProducerGone, match=r"weights/step_4 or newer: trainer .* finished at step 4 without writing it"):
+        store.wait_for_step("weights", 4, timeout_s=60, or_newer=True, check=watch(store, "weights", 4, or_newer=True))
+    with pytest.raises(ValueError), Reporter(store, "trainer", 5):
+        raise ValueError("boom")
+    assert handover.read(store, "trainer").state == "failed"
+
+
+def test_an_earlier_attempts_report_is_not_this_attempts_producer(store, monkeypatch):
+    with Reporter(store, "orchestrator", 9):
+        pass  # "finished at step 9", by attempt-1
+    monkeypatch.setenv(ATTEMPT_ENV, "attempt-2")
+    said = []
+    with pytest.raises(StepTimeout) as e:
+        store.wait_for_step("rollouts", 3, timeout_s=0.5, poll_s=0.05,
+                            check=watch(store, "rollouts", 3, log_every_s=0.2, say=said.append))
+    assert not isinstance(e.value, ProducerGone)
+    assert said and all("orchestrator has not reported yet" in s for s in said)
+
+
+def test_a_long_wait_says_every_interval_what_it_waits_for_and_where_the_producer_is(store):
+    said = []
+    with Reporter(store, "orchestrator", 2):
+        threading.Timer(0.7, write, (store, "rollouts", 2)).start()
+        path = store.wait_for_step("rollouts", 2, timeout_s=10, poll_s=0.05,
+                                   check=watch(store, "rollouts", 2, log_every_s=0.2, say=said.append))
+    assert path == store.step_path("rollouts", 2)
+    assert 2 <= len(said) <= 4
+    assert said[0].startswith("waiting 0s for rollouts/step_2; orchestrator at step 2, reported ")
+
+
+def test_a_producer_moving_on_right_after_writing_never_fails_the_consumer(store):
+    """The producer writes step N, then reports N+1: a consumer that reads the report between
+    the two re-checks the step before it calls the producer past it."""
+    steps = 30
+
+    def produce():
+        with Reporter(store, "orchestrator", 0) as report:
+            for step in range(steps):
+                time.sleep(0.01)
+                write(store, "rollouts", step)
+                report.at(step + 1)
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    for step in range(steps):
+        store.wait_for_step("rollouts", step, timeout_s=10, poll_s=0.001, check=watch(store, "rollouts", step))
+    thread.join()
+
+
+def test_a_newer_step_ends_a_wait_for_an_older_one(store):
+    """The orchestrator needs weights at most async_level steps old: retention may have
+    removed the one it asked for, a newer one serves."""
+    write(store, "weights", 6)
+    assert store.wait_for_step("weights", 5, timeout_s=0, or_newer=True) == store.step_path("weights", 6)
+    with pytest.raises(StepTimeout):
+        store.wait_for_step("weights", 5, timeout_s=0)
+
+
+def test_ranks_other_than_0_write_no_report(store):
+    with Reporter(store, "trainer", 1, active=False) as report:
+        report.at(2)
+    assert handover.read(store, "trainer") is None
