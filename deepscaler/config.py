@@ -334,6 +334,19 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    # Weights & Biases project; logging is off while it is unset (pip install -e ".[wandb]").
+    project: Union[str, None] = None
+    # Run name (None: <run.name>-stage<K>); group (None: run.name, so a run's stages sit together).
+    name: Union[str, None] = None
+    group: Union[str, None] = None
+    entity: Union[str, None] = None
+    # offline: compute nodes without internet; sync later with the printed `wandb sync` command.
+    mode: Literal["online", "offline", "disabled"] = "online"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LogConfig:
     # Log level of every process of the stage (the trainer, the orchestrator, the servers).
     level: Literal["debug", "info", "warning"] = "info"
@@ -352,6 +365,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -34,8 +34,10 @@ from deepscaler.inference.contract import TOKEN_ENV
 from deepscaler.run_lock import RunLock
 from deepscaler.stage import resolve_resume
 from deepscaler.store import LOG_TAIL_LINES, RunStore, atomic_write_text, log_tail
+from deepscaler.tracking import enabled
 
 STOP_GRACE_S = 15.0
+TRACKING_GRACE_S = 60.0  # the forwarder's last records and W&B's own flush
 
 
 class LaunchError(RuntimeError):
@@ -173,9 +175,11 @@ def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra
     store.append_metrics({"source": "launcher", "event": "attempt", "resume": resume, **(event or {})})
     display = display or Display(cfg)
     children: list[Child] = []
+    tracker = Tracker(cfg, store, run_yaml, env)
     try:
         for name, argv in commands(cfg, run_yaml, resume).items():
             children.append(start(name, argv, store, env))
+        tracker.start()
         workers = [c for c in children if c.name in ("trainer", "orchestrator")]
         with display:
             while True:
@@ -188,8 +192,47 @@ def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra
                                       f"(stage {cfg.run.stage} of run '{cfg.run.name}')\n{c.tail()}")
                 if all(c.proc.poll() == 0 for c in workers):
                     break
+                tracker.check()
                 time.sleep(0.5)
             display.update(metrics.poll())
     finally:
         stop(children)
+        tracker.stop()  # last: it forwards what the others wrote up to their end
     return store
+
+
+class Tracker:
+    """The W&B forwarder (``deepscaler.tracking``) when ``wandb.project`` is set: one per stage,
+    beside the other processes. Tracking is optional, so its failure never fails the stage: it
+    is restarted (it continues the same W&B run) up to :data:`RESTARTS` times, then left off."""
+
+    RESTARTS = 3
+
+    def __init__(self, cfg: Config, store: RunStore, run_yaml: Path, env: dict[str, str]):
+        self.on = enabled(cfg)
+        self.store, self.env = store, env
+        self.argv = [sys.executable, "-m", "deepscaler.tracking", "--config", str(run_yaml)]
+        self.child: Child | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        if self.on:
+            self.child = start("tracking", self.argv, self.store, self.env)
+
+    def check(self) -> None:
+        if self.child is None or self.child.proc.poll() is None:
+            return
+        code = self.child.proc.returncode
+        if self.restarts < self.RESTARTS:
+            self.restarts += 1
+            print(f"warning: the W&B forwarder exited with code {code}; restarting it "
+                  f"({self.restarts}/{self.RESTARTS}); see {self.child.log}", file=sys.stderr, flush=True)
+            self.start()
+        else:
+            print(f"warning: the W&B forwarder exited with code {code} again; W&B logging is off for the rest "
+                  f"of this attempt (metrics.jsonl has everything); see {self.child.log}", file=sys.stderr, flush=True)
+            self.child = None
+
+    def stop(self) -> None:
+        if self.child is not None:
+            stop([self.child], grace_s=TRACKING_GRACE_S)

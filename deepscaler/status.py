@@ -120,7 +120,19 @@ def render(stores: list[RunStore]):
         for jid, job in slurm_jobs(job_ids(store)).items():
             jobs.add_row(store.run, str(store.stage), jid, job.get("State", "?"), job.get("Elapsed", "-"),
                          job.get("NodeList") or "-", job.get("Reason", ""))
-    return Group(progress, jobs) if jobs.row_count else progress
+    notes = [n for n in map(wandb_note, stores) if n]
+    return Group(progress, *([jobs] if jobs.row_count else []), *notes)
+
+
+def wandb_note(store: RunStore) -> str | None:
+    """The ``wandb sync`` command of a stage that logs to an offline W&B run."""
+    from deepscaler.config import load_config
+    from deepscaler.tracking import offline_note
+
+    try:
+        return offline_note(load_config(store.run_yaml))
+    except Exception:  # a status view must not fail on one bad stage
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

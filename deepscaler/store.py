@@ -402,6 +402,11 @@ class RunStore:
         return self.root / "servers"
 
     @property
+    def wandb_dir(self) -> Path:
+        """The stage's W&B files: the forwarder's state and the (offline) runs (``deepscaler.tracking``)."""
+        return self.root / "wandb"
+
+    @property
     def handover_dir(self) -> Path:
         """``handover/<role>.json``: where each producer of steps stands (``deepscaler.handover``)."""
         return self.root / "handover"

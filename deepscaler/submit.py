@@ -16,10 +16,12 @@ import signal
 import sys
 from pathlib import Path
 
-from deepscaler.config import Config, ConfigError, parse_command_line, refuse_repeated_keys, stage_config, to_yaml
+from deepscaler.config import (Config, ConfigError, load_config, parse_command_line, refuse_repeated_keys, stage_config,
+                               to_yaml)
 from deepscaler.data import DataError
 from deepscaler.process import apply_process_settings
 from deepscaler.store import RunStore, StoreError
+from deepscaler.tracking import offline_note, require_package
 
 
 def parse_stages(args: argparse.Namespace) -> list[int]:
@@ -75,7 +77,8 @@ def summary(store: RunStore) -> str:
         f"  metrics:     {store.metrics_path}",
         f"  logs:        {store.logs_dir}",
     ]
-    return "\n".join(lines)
+    note = offline_note(load_config(store.run_yaml))
+    return "\n".join(lines + ([f"  {note}"] if note else []))
 
 
 def plan_gpu_stages(configs: list[Config]) -> dict[int, dict]:
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = resolve(args)
         apply_process_settings(configs[0], job=False)  # run.yaml, logs and the job inherit it
+        for cfg in configs:
+            require_package(cfg)  # wandb.project set, no wandb: say so now, not in the job
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import sys
 from deepscaler.config import ConfigError, parse_command_line, refuse_repeated_keys
 from deepscaler.data import BENCHMARKS, DataError
 from deepscaler.eval.hub import UploadError, check_repo_id, upload_plan, upload_step
-from deepscaler.eval.report import ReportError, write_report
+from deepscaler.eval.report import ReportError, report_to_wandb, write_report
 from deepscaler.eval.run import EvalError, EvalRequest, resolve_run, run_eval
 from deepscaler.eval.sweep import sweep
 from deepscaler.store import StoreError
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         md, png = write_report(store)
         print(md.read_text(encoding="utf-8"), end="")
         print(f"wrote {md} and {png}")
+        note = report_to_wandb(store, png)
+        if note:
+            print(f"logged to {note}")
         return 0
     except (ConfigError, DataError, StoreError, EvalError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)

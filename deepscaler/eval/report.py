@@ -153,3 +153,21 @@ def write_report(store: RunStore) -> tuple[Path, Path]:
     md = atomic_write_text(store.evals_dir / "report.md", markdown(store, results))
     png = atomic_write_bytes(store.evals_dir / "eval.png", plot(store, results))
     return md, png
+
+
+def report_to_wandb(store: RunStore, png: Path) -> str | None:
+    """Log the report to the run's W&B group when the run tracks with W&B (``wandb.project``);
+    returns the line that says where it went."""
+    if not store.run_yaml.exists():
+        return None  # an ad hoc model's evals: no run, no W&B settings
+    import sys
+
+    from deepscaler.config import load_config
+    from deepscaler.errors import one_line
+    from deepscaler.tracking import log_report
+
+    try:
+        return log_report(load_config(store.run_yaml), store, summaries(store), png)
+    except Exception as e:  # the report is written; W&B is a copy of it
+        print(f"warning: the report was not logged to W&B: {one_line(e)}", file=sys.stderr)
+        return None

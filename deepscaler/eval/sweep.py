@@ -30,7 +30,7 @@ from dataclasses import replace
 
 from deepscaler.config import Config, ConfigError
 from deepscaler.data import DataError
-from deepscaler.eval.report import write_report
+from deepscaler.eval.report import report_to_wandb, write_report
 from deepscaler.eval.run import (EvalError, EvalRequest, eval_config, is_evaluated, label, parse_benchmarks,
                                  resolve_run, run_eval)
 from deepscaler.process import apply_process_settings
@@ -126,6 +126,9 @@ def _finish(store: RunStore) -> int:
         return 0
     md, png = write_report(store)
     print(f"wrote {md} and {png}")
+    note = report_to_wandb(store, png)
+    if note:
+        print(f"logged to {note}")
     return 0
 
 

@@ -3,8 +3,9 @@ in its environment and a careless inherited umask. One run (~1 min) answers thre
 
 - do the server, the orchestrator and the trainer all load the model and the data from the
   cache in the Hub's own layout, with ``HF_HUB_OFFLINE=1`` and an empty ``HF_HOME``?
-- does any secret of the environment (``HF_TOKEN`` and friends, the servers' bearer token)
-  reach a file of the run, the sbatch script of ``--dry-run``, or the command's output?
+- does any secret of the environment (``HF_TOKEN``, ``WANDB_API_KEY`` and friends, the servers'
+  bearer token) reach a file of the run (the offline W&B run's files included), the sbatch
+  script of ``--dry-run``, or the command's output?
 - is every file and folder of the run created with ``run.umask`` (group-shared, never
   world-writable), whatever umask the command inherited?
 
@@ -62,7 +63,7 @@ def offline_run(tmp_path_factory):
     (data / "train.json").write_text(json.dumps(read_records(BUNDLED_DIR / "train" / "math.json")[:32]))
     write_snapshot(cache, "dataset", DATASET, data)
     dry = submit(out, "--executor", "slurm", "--dry-run", "slurm.partition=gpu")
-    run = submit(out, "--executor", "local", "--max-steps", "2")
+    run = submit(out, "--executor", "local", "--max-steps", "2", "--wandb.project", "deepscaler", "wandb.mode=offline")
     return out, run, dry
 
 
@@ -87,7 +88,7 @@ def test_no_secret_reaches_any_file_or_output(offline_run):
     leaks = [f"{name}: {n.decode()}" for name, text in outputs.items() for n in needles if n in text.encode()]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name == "run.yaml" for p in files) and any(p.name == "metrics.jsonl" for p in files)
-    assert any(p.name == "server0.log" for p in files)
+    assert any(p.name == "server0.log" for p in files) and any(p.suffix == ".wandb" for p in files)
     for path in files:
         data = path.read_bytes()
         leaks += [f"{path}: {n.decode()}" for n in needles if n in data]

@@ -57,3 +57,29 @@ def test_report_with_no_evals_names_the_command_that_makes_them(tmp_path: Path) 
                                           r".* --run exp --stage 1"):
         write_report(store)
     assert not store.evals_dir.exists() or not any(store.evals_dir.iterdir())  # nothing written
+
+
+def test_the_report_goes_to_the_runs_wandb_group_offline(store: RunStore) -> None:
+    """W&B's own offline mode (no network here), read back from its .wandb file."""
+    pytest.importorskip("wandb")
+    from deepscaler.config import load_config, to_yaml
+    from deepscaler.eval.report import report_to_wandb
+    from deepscaler.wandb_offline import history
+
+    cfg = load_config(["yaml/stage2.yaml"], ["wandb.project=deepscaler", "wandb.mode=offline", "run.name=exp"])
+    store.run_yaml.write_text(to_yaml(cfg))
+    md, png = write_report(store)
+    note = report_to_wandb(store, png)
+    assert note.startswith("W&B run ") and "in group exp (offline); upload it with: wandb sync " in note
+    run_id = note.split()[2]
+    rows = history(store.wandb_dir / "wandb", run_id)
+    assert len(rows) == 1 and rows[0]["eval/results/_type"] == "table-file" and rows[0]["eval/results/nrows"] == 6
+    assert rows[0]["eval/plot/_type"] == "image-file" and rows[0]["eval/plot/format"] == "png"
+
+
+def test_no_wandb_project_no_wandb(store: RunStore) -> None:
+    from deepscaler.config import load_config, to_yaml
+    from deepscaler.eval.report import report_to_wandb
+
+    store.run_yaml.write_text(to_yaml(load_config(["yaml/stage2.yaml"])))
+    assert report_to_wandb(store, write_report(store)[1]) is None and not store.wandb_dir.exists()
