@@ -135,9 +135,10 @@ def run_stage(cfg: Config, resume: str | None = None, *,
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     resolve_resume(store, resume)  # a bad --resume-step fails here, before anything starts
     require_cache(cfg)  # so does a Hub cache that lost a file since submit (CacheError)
-    with RunLock(store):  # a second run of this stage is refused here, before it writes anything
+    attempt = uuid.uuid4().hex[:12]  # the children carry it: waits and the lock know them by it
+    with RunLock(store, attempt):  # a second run of this stage is refused here, before it writes anything
         point = restart_point(store, resume)
-        return _supervise(cfg, store, point, commands, extra_env, event, display)
+        return _supervise(cfg, store, point, commands, {**(extra_env or {}), ATTEMPT_ENV: attempt}, event, display)
 
 
 def restart_point(store: RunStore, resume: str | None) -> str | None:
@@ -167,8 +168,7 @@ def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra
     if torn:
         print(f"warning: {store.metrics_path} ended in a torn line ({torn} bytes, a crash mid-write); removed",
               file=sys.stderr, flush=True)
-    env = {**os.environ, **(extra_env or {}), TOKEN_ENV: secrets.token_hex(16), "PYTHONUNBUFFERED": "1",
-           ATTEMPT_ENV: uuid.uuid4().hex[:12]}  # waits trust only this attempt's hand-over files
+    env = {**os.environ, **(extra_env or {}), TOKEN_ENV: secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
     if cfg.run.hub_offline:
         env["HF_HUB_OFFLINE"] = "1"
     metrics = MetricsTail.from_end(store)

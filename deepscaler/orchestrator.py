@@ -31,6 +31,7 @@ from deepscaler.inference.client import InferenceClient, Sample, ServerError, lo
 from deepscaler.process import apply_process_settings, usable_cpus
 from deepscaler.reward import BatchScorer
 from deepscaler.rollouts import Rollout, read_rollout, write_rollout
+from deepscaler.run_lock import refuse_outsider
 from deepscaler.stage import checkpoint_state, first_step, previous_stage_checkpoint, resolve_resume
 from deepscaler.store import RunStore, StoreError, cache_dir
 
@@ -48,6 +49,7 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
     """Produce this stage's rollouts; returns the number of the last step written."""
     # ------------------------------------------------------------------ set-up
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
+    refuse_outsider(store)  # started by hand beside a running supervisor: refused before writing
     store.ensure_dirs()
     for path in store.clean_partial("rollouts"):
         log.warning("removed an unfinished step left by a crash: %s", path)

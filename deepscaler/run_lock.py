@@ -29,6 +29,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from deepscaler.handover import ATTEMPT_ENV
 from deepscaler.store import RunStore, StoreError, atomic_write_json, read_json
 
 LOCK = "LOCK"
@@ -47,10 +48,11 @@ class Holder:
     pid: int
     job_id: str | None
     since: float
+    attempt: str | None = None  # the supervisor's attempt id, which its children carry (ATTEMPT_ENV)
 
     @classmethod
-    def me(cls) -> "Holder":
-        return cls(socket.gethostname(), os.getpid(), os.environ.get("SLURM_JOB_ID"), time.time())
+    def me(cls, attempt: str | None = None) -> "Holder":
+        return cls(socket.gethostname(), os.getpid(), os.environ.get("SLURM_JOB_ID"), time.time(), attempt)
 
     def describe(self) -> str:
         job = f", Slurm job {self.job_id}" if self.job_id else ""
@@ -70,7 +72,8 @@ def holder(store: RunStore) -> tuple[Holder, float] | None:
     except (FileNotFoundError, StoreError):
         return None
     try:
-        return Holder(str(data["host"]), int(data["pid"]), data.get("job_id"), float(data["since"])), age
+        return Holder(str(data["host"]), int(data["pid"]), data.get("job_id"), float(data["since"]),
+                      data.get("attempt")), age
     except (KeyError, TypeError, ValueError):
         return None  # a garbled holder file is no holder
 
@@ -119,6 +122,15 @@ def live_holder(store: RunStore, me: Holder | None = None) -> Holder | None:
     return other
 
 
+def refuse_outsider(store: RunStore) -> None:
+    """A trainer or orchestrator started by hand on a stage that a supervisor runs would
+    interleave its steps with the run's: refused, naming the supervisor. The supervisor's own
+    children carry its attempt id in their environment."""
+    other = live_holder(store)
+    if other is not None and (other.attempt is None or other.attempt != os.environ.get(ATTEMPT_ENV)):
+        raise refusal(store, other)
+
+
 def refusal(store: RunStore, other: Holder) -> RunLocked:
     return RunLocked(f"{store.root} is in use by another run of this stage ({other.describe()}); wait for it, "
                      f"cancel it, or choose another run.name or run.output_dir")
@@ -127,9 +139,9 @@ def refusal(store: RunStore, other: Holder) -> RunLocked:
 class RunLock:
     """Hold the stage's lock while the ``with`` block runs, with a heartbeat thread."""
 
-    def __init__(self, store: RunStore):
+    def __init__(self, store: RunStore, attempt: str | None = None):
         self.store = store
-        self.me = Holder.me()
+        self.me = Holder.me(attempt)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -25,6 +25,7 @@ from deepscaler.handover import Reporter, watch
 from deepscaler.hf_loading import load_causal_lm, load_tokenizer, model_source
 from deepscaler.process import apply_process_settings, one_thread_if_small, usable_cpus, visible_gpus
 from deepscaler.rollouts import mini_batches, read_rollout
+from deepscaler.run_lock import refuse_outsider
 from deepscaler.stage import first_step as stage_first_step
 from deepscaler.stage import previous_stage_checkpoint, resolve_resume
 from deepscaler.store import RunStore, StoreError
@@ -56,6 +57,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     dist = init_distributed()
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
+    refuse_outsider(store)  # started by hand beside a running supervisor: refused before writing
     if dist.is_main:
         store.ensure_dirs()
         for path in store.clean_partial("checkpoints") + store.clean_partial("weights"):

@@ -93,3 +93,31 @@ def test_a_lock_being_made_counts_as_held(store):
     run_lock.lock_dir(store).mkdir(parents=True)  # its holder file is not written yet
     with pytest.raises(RunLocked):
         RunLock(store).acquire()
+
+
+def test_a_process_started_by_hand_beside_a_running_supervisor_is_refused(store, monkeypatch):
+    """The supervisor's children carry its attempt id (as deepscaler.launch starts them); a
+    trainer or orchestrator started by hand on the live stage does not, and is refused."""
+    from deepscaler.handover import ATTEMPT_ENV
+    from deepscaler.run_lock import refuse_outsider
+
+    monkeypatch.delenv(ATTEMPT_ENV, raising=False)
+    refuse_outsider(store)  # no supervisor: a process by hand may run
+    code = ("import sys, time\nfrom deepscaler.run_lock import RunLock\nfrom deepscaler.store import RunStore\n"
+            f"with RunLock(RunStore({str(store.output_dir)!r}, 'run', 1), 'attempt-7'):\n"
+            "    print('held', flush=True)\n    time.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv(ATTEMPT_ENV, "attempt-7")
+        refuse_outsider(store)  # the supervisor's own child
+        for env in ("attempt-6", None):
+            if env is None:
+                monkeypatch.delenv(ATTEMPT_ENV)
+            else:
+                monkeypatch.setenv(ATTEMPT_ENV, env)
+            with pytest.raises(RunLocked, match=rf"in use by another run of this stage \(pid {holder.pid} on "):
+                refuse_outsider(store)
+    finally:
+        holder.kill()
+        holder.wait()
