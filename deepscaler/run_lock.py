@@ -89,14 +89,16 @@ def _alive(pid: int) -> bool:
 
 
 def _job_running(job_id: str) -> bool:
-    """Whether Slurm still runs the job (True when squeue cannot tell: no guess against it)."""
+    """Whether Slurm still runs the job (True when squeue cannot tell: no guess against it).
+    A COMPLETING job does not count: it was cancelled or has ended, and Slurm is killing what
+    is left of it, so a resubmit right after ``scancel`` is not refused."""
     try:
         out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired):
         return True
     if out.returncode != 0:
         return "Invalid job id" not in out.stderr
-    return any(state in out.stdout for state in ("RUNNING", "COMPLETING", "SUSPENDED"))
+    return any(state in out.stdout for state in ("RUNNING", "SUSPENDED"))
 
 
 def live_holder(store: RunStore, me: Holder | None = None) -> Holder | None:

@@ -121,3 +121,13 @@ def test_a_process_started_by_hand_beside_a_running_supervisor_is_refused(store,
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("state, running", [("RUNNING", True), ("SUSPENDED", True), ("COMPLETING", False),
+                                            ("PENDING", False)])
+def test_a_completing_job_no_longer_holds_the_lock(monkeypatch, state, running):
+    """Right after scancel the job is COMPLETING while Slurm kills its processes: a resubmit
+    then must not be refused (it was, in CI). Simulated boundary: squeue's answer."""
+    monkeypatch.setattr(run_lock.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=f"{state}\n", stderr=""))
+    assert run_lock._job_running("21") is running
