@@ -151,6 +151,7 @@ def test_chained_stages_wait_for_each_other_and_stage_2_starts_from_stage_1(slur
     assert second.is_stable("weights", 4)
 
 
+@pytest.mark.trial  # 8-9 minutes: benchmarks/slow_trials.py runs it, the suite does not
 @pytest.mark.timeout(1500)
 def test_time_limit_requeues_and_the_result_equals_an_uninterrupted_run(slurm_cluster, tmp_path: Path) -> None:
     """A 2-minute limit with the signal 30 s before it. slurmctld checks limits every 30 s and
