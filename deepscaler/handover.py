@@ -30,6 +30,9 @@ from deepscaler.store import RunStore, StepTimeout, atomic_write_json, read_json
 HEARTBEAT_S = 10.0
 STALE_S = 60.0  # with the 1 s poll: a dead producer fails the wait in about 70 s
 LOG_EVERY_S = 30.0
+# A producer that failed is left to the supervisor for this long: it stops the stage naming
+# the producer's own error, which a waiter failing first would hide.
+FAILED_GRACE_S = 30.0
 ATTEMPT_ENV = "DEEPSCALER_ATTEMPT"  # set by the supervisor (deepscaler.launch) for its children
 
 STARTED = time.time()  # processes started by hand have no attempt: older reports are not theirs
@@ -130,7 +133,7 @@ def watch(store: RunStore, kind: str, step: int, *, or_newer: bool = False, stal
         if p is not None and not store.has_step(kind, step, or_newer):  # re-checked after reading p
             age = time.time() - p.updated
             why = None
-            if p.state != "running":
+            if p.state == "finished" or (p.state == "failed" and age > FAILED_GRACE_S):
                 why = f"{p.where()} without writing it"
             elif p.step > step:
                 why = f"{p.where()}: it is past step {step} and will not write it"

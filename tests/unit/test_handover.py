@@ -71,7 +71,7 @@ def test_a_producer_past_the_step_fails_the_wait_at_once(store):
         assert time.monotonic() - t0 < 1
 
 
-def test_a_producer_that_ended_without_the_step_fails_the_wait(store):
+def test_a_producer_that_ended_without_the_step_fails_the_wait(store, monkeypatch):
     with Reporter(store, "trainer", 4):
         pass
     with pytest.raises(ProducerGone, match=r"weights/step_4 or newer: trainer .* finished at step 4 without writing it"):
@@ -79,6 +79,13 @@ def test_a_producer_that_ended_without_the_step_fails_the_wait(store):
     with pytest.raises(ValueError), Reporter(store, "trainer", 5):
         raise ValueError("boom")
     assert handover.read(store, "trainer").state == "failed"
+    # A failed producer is the supervisor's to report first (its own error names the cause).
+    with pytest.raises(StepTimeout) as e:
+        store.wait_for_step("weights", 5, timeout_s=0.3, poll_s=0.05, check=watch(store, "weights", 5))
+    assert not isinstance(e.value, ProducerGone)
+    monkeypatch.setattr(handover, "FAILED_GRACE_S", 0.0)
+    with pytest.raises(ProducerGone, match=r"weights/step_5: trainer .* failed at step 5 without writing it"):
+        store.wait_for_step("weights", 5, timeout_s=60, check=watch(store, "weights", 5))
 
 
 def test_an_earlier_attempts_report_is_not_this_attempts_producer(store, monkeypatch):
