@@ -5,6 +5,7 @@ the documented keys."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,9 @@ def test_a_restarted_forwarder_continues_the_run_where_wandb_stands(tmp_path):
     again.finish()
     run_id = again.run.id
     assert run_id == first.run.id
-    rows = history(store.wandb_dir / "wandb", run_id)
+    deadline = time.monotonic() + 30  # W&B's service may still be writing this process's run
+    while len(rows := history(store.wandb_dir / "wandb", run_id)) < 12 and time.monotonic() < deadline:
+        time.sleep(0.5)
     for key in ("orchestrator/reward_mean", "trainer/pg_loss"):
         series = [(r["step"], r[key]) for r in rows if key in r]
         assert series == [(0, 0.1), (1, 0.1), (2, 0.1), (3, 0.1), (4, 0.9), (5, 0.9)]  # W&B keeps the first
