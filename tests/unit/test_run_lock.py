@@ -4,6 +4,7 @@ job are simulated by the holder file they would write."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -44,19 +45,27 @@ def test_a_held_lock_names_its_holder_and_is_released(store):
     assert not run_lock.lock_dir(store).exists()
 
 
-def test_a_second_process_is_refused_while_the_first_holds_the_lock(store):
+@contextlib.contextmanager
+def held_elsewhere(store, attempt: str | None = None):
+    """Another process holding the stage's lock (as a supervisor does) until the block ends;
+    yields that process."""
     code = ("import sys, time\nfrom deepscaler.run_lock import RunLock\nfrom deepscaler.store import RunStore\n"
-            f"with RunLock(RunStore({str(store.output_dir)!r}, 'run', 1)):\n    print('held', flush=True)\n"
-            "    time.sleep(30)\n")
+            f"with RunLock(RunStore({str(store.output_dir)!r}, 'run', 1), {attempt!r}):\n"
+            "    print('held', flush=True)\n    time.sleep(30)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunLocked) as err:
-            RunLock(store).acquire()
-        assert f"pid {holder.pid}" in str(err.value) and "is in use by another run of this stage" in str(err.value)
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_process_is_refused_while_the_first_holds_the_lock(store):
+    with held_elsewhere(store) as holder:
+        with pytest.raises(RunLocked) as err:
+            RunLock(store).acquire()
+        assert f"pid {holder.pid}" in str(err.value) and "is in use by another run of this stage" in str(err.value)
     with RunLock(store):  # its pid is gone: taken over at once
         assert run_lock.holder(store)[0].pid == os.getpid()
 
@@ -103,12 +112,7 @@ def test_a_process_started_by_hand_beside_a_running_supervisor_is_refused(store,
 
     monkeypatch.delenv(ATTEMPT_ENV, raising=False)
     refuse_outsider(store)  # no supervisor: a process by hand may run
-    code = ("import sys, time\nfrom deepscaler.run_lock import RunLock\nfrom deepscaler.store import RunStore\n"
-            f"with RunLock(RunStore({str(store.output_dir)!r}, 'run', 1), 'attempt-7'):\n"
-            "    print('held', flush=True)\n    time.sleep(30)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_elsewhere(store, "attempt-7") as holder:
         monkeypatch.setenv(ATTEMPT_ENV, "attempt-7")
         refuse_outsider(store)  # the supervisor's own child
         for env in ("attempt-6", None):
@@ -118,9 +122,6 @@ def test_a_process_started_by_hand_beside_a_running_supervisor_is_refused(store,
                 monkeypatch.setenv(ATTEMPT_ENV, env)
             with pytest.raises(RunLocked, match=rf"in use by another run of this stage \(pid {holder.pid} on "):
                 refuse_outsider(store)
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.parametrize("state, running", [("RUNNING", True), ("SUSPENDED", True), ("COMPLETING", False),
