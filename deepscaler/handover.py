@@ -135,9 +135,9 @@ def watch(store: RunStore, kind: str, step: int, *, or_newer: bool = False, stal
             why = None
             if p.state == "finished" or (p.state == "failed" and age > FAILED_GRACE_S):
                 why = f"{p.where()} without writing it"
-            elif p.step > step:
+            elif p.state == "running" and p.step > step:
                 why = f"{p.where()}: it is past step {step} and will not write it"
-            elif age > stale_s:
+            elif p.state == "running" and age > stale_s:
                 why = f"{p.where()} has not reported for {age:.0f}s (killed, hung, or its node lost)"
             if why:
                 raise ProducerGone(f"waited {waited:.0f}s for {target}: {why}")
