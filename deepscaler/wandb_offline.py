@@ -46,11 +46,24 @@ def records(path: Path):
             yield rec
 
 
+def attempts(run_dir: Path, run_id: str) -> list[Path]:
+    """The ``.wandb`` files of run ``run_id``, oldest first. Each attempt writes
+    ``offline-run-<time>-<id>``; W&B appends ``-<n>`` when an attempt starts within the same
+    second as the one before."""
+    def order(path: Path):
+        time, _, suffix = path.parent.name[len("offline-run-"):].partition(f"-{run_id}")
+        return time, int(suffix[1:]) if suffix[1:].isdigit() else 0
+
+    found = [p for pattern in (f"offline-run-*-{run_id}", f"offline-run-*-{run_id}-*")
+             for p in run_dir.glob(f"{pattern}/run-{run_id}.wandb")]
+    return sorted(found, key=order)
+
+
 def history(run_dir: Path, run_id: str) -> list[dict]:
     """Every history row of run ``run_id`` in the offline runs under ``run_dir``, oldest first
     (a resumed run writes one ``offline-run-*-<id>`` folder per attempt)."""
     rows = []
-    for path in sorted(run_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+    for path in attempts(run_dir, run_id):
         for rec in records(path):
             if rec.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)

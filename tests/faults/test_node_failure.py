@@ -21,7 +21,7 @@ from tests.integration.test_slurm_stage import (cancel_leftover_jobs, job_ended,
                                                 submitted_jobs, wait_until)
 from tests.slurm_cluster import in_ci, slurm_env
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.trial]  # over 2 minutes: benchmarks/slow_trials.py
 __all__ = ["cancel_leftover_jobs"]  # autouse: no job of a failed test stays queued
 INTERVAL = 2
 STEPS = 8

@@ -65,6 +65,21 @@ def test_a_restarted_forwarder_continues_the_run_where_wandb_stands(tmp_path):
         assert series == [(0, 0.1), (1, 0.1), (2, 0.1), (3, 0.1), (4, 0.9), (5, 0.9)]  # W&B keeps the first
 
 
+def test_an_attempt_started_within_the_same_second_is_read_after_the_one_before(tmp_path):
+    """W&B names a second attempt begun in the same second ``...-<id>-1`` (CI of 4e889e9 lost steps
+    4-5 of the restarted forwarder's run this way)."""
+    from deepscaler.wandb_offline import attempts
+
+    for name in ("offline-run-20261130_201144-abc-1", "offline-run-20261130_201144-abc",
+                 "offline-run-20261130_201150-abc", "offline-run-20261130_201144-abc-10",
+                 "offline-run-20261130_201144-abcd"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"run-{name.split('-')[3]}.wandb").write_bytes(b"")
+    assert [p.parent.name for p in attempts(tmp_path, "abc")] == [
+        "offline-run-20261130_201144-abc", "offline-run-20261130_201144-abc-1",
+        "offline-run-20261130_201144-abc-10", "offline-run-20261130_201150-abc"]
+
+
 def test_a_project_without_the_package_is_refused_before_submission(tmp_path, monkeypatch, capsys):
     import importlib.util
 
