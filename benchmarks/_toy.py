@@ -1,7 +1,8 @@
 """Shared pieces of the toy benchmarks (``toy_learning.py``, ``async_overlap.py``).
 
-A synthetic task with verifiable answers ("What is 23 + 48?" -> "71"), a supervised warm-start
-of a tiny Qwen2 built with ``deepscaler.tiny`` (the project's tokenizer and chat template),
+A synthetic task with verifiable answers ("What is 23 + 48?" -> "71"), the pieces of a supervised
+warm-start of a tiny Qwen2 built with ``deepscaler.tiny`` (the project's tokenizer and chat
+template; the batches are ``deepscaler.warm_start``'s, as the tiny preset makes them),
 a small sampler that draws the way the hf inference backend does (plain softmax at a
 temperature, no top-k), and a runner for a real stage (``python -m deepscaler.submit ...
 --executor local``) that returns the run's ``metrics.jsonl`` records.
@@ -45,11 +46,6 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
     return path
 
 
-def completion(answer: str) -> str:
-    """The warm-start target after the prompt's ``<think>\\n`` (eos is appended as a token)."""
-    return f"</think>\n\n\\boxed{{{answer}}}"
-
-
 # --------------------------------------------------------------------------- model
 
 
@@ -74,23 +70,6 @@ def prompt_ids(tokenizer, problems: list[dict]) -> list[list[int]]:
     """Token ids of the rendered prompts, encoded as the orchestrator does (no extra specials)."""
     texts = [format_prompt(p["problem"], tokenizer) for p in problems]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-def sft_batch(tokenizer, problems: list[dict], prompts: list[list[int]]):
-    """Right-padded (input_ids, attention_mask, labels): loss on the completion + eos only.
-    Prompt and completion are encoded apart and concatenated, as sampling produces them."""
-    targets = tokenizer([completion(p["answer"]) for p in problems], add_special_tokens=False)["input_ids"]
-    rows = [(p, list(t) + [tokenizer.eos_token_id]) for p, t in zip(prompts, targets)]
-    width = max(len(p) + len(t) for p, t in rows)
-    ids = torch.full((len(rows), width), tokenizer.eos_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (p, t) in enumerate(rows):
-        n = len(p) + len(t)
-        ids[i, :n] = torch.tensor(p + t)
-        mask[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(t)
-    return ids, mask, labels
 
 
 @torch.no_grad()
@@ -160,10 +139,10 @@ def load_metrics(path: Path) -> list[dict]:
 
 def run_stage(output_dir: Path, steps: int, overrides: list[str], env: dict | None = None, name: str = "toy",
               timeout_s: float = 1800.0) -> tuple[list[dict], float, Path]:
-    """Run ``python -m deepscaler.submit --stage 1 --preset tiny --executor local`` as a
+    """Run ``python -m deepscaler.submit --stage 1 --preset tiny-random --executor local`` as a
     subprocess; returns (metrics records, wall seconds, stage dir). Raises on failure with
     the command's output tail."""
-    cmd = [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local",
+    cmd = [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny-random", "--executor", "local",
            "--output-dir", str(output_dir), "--max-steps", str(steps), f"run.name={name}", *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,

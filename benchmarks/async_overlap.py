@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/async_overlap.py [--dir DIR] [--steps 14] [--skip 3] [--rounds 1] [--keep]
 
 What it measures: two runs of the real tiny stage (``python -m deepscaler.submit --stage 1
---preset tiny --executor local``: hf inference server, DeepSpeed trainer, orchestrator as
+--preset tiny-random --executor local``: hf inference server, DeepSpeed trainer, orchestrator as
 separate processes), identical except for ``orchestrator.async_level`` = 0 (on-policy: the
 orchestrator samples step N only with weights N, so generation and training alternate) and
 = 1 (it samples step N with weights N-1 while the trainer trains on step N-1's rollouts).

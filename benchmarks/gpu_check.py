@@ -22,7 +22,7 @@ steps with the trainer's publisher, start the vLLM backend on the first at the s
 ``max_model_len``, generate, reload the second in place and check the probe.
 
 The last line is one JSON object. On a CPU the same code runs at the tiny shape as a smoke
-test (``--device cpu --preset tiny``; tests/unit/test_gpu_check.py).
+test (``--device cpu --preset tiny-random``; tests/unit/test_gpu_check.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/toy_learning.py [--dir DIR] [--steps 60] [--lr 3e-4] [--keep]
 
 What it measures: the reward curve of a real stage (``python -m deepscaler.submit --stage 1
---preset tiny --executor local``: hf inference server, DeepSpeed trainer, orchestrator, as
+--preset tiny-random --executor local``: hf inference server, DeepSpeed trainer, orchestrator, as
 separate processes talking through HTTP and the run directory) on a task where a tiny model
 can visibly get better within minutes.
 
@@ -72,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _toy  # noqa: E402
 
 from deepscaler.config import TinyModelConfig  # noqa: E402
+from deepscaler.warm_start import sft_batch  # noqa: E402
 
 SHAPE = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256,
                         vocab_size=4096, max_position_embeddings=512)
@@ -90,7 +91,7 @@ def warm_start(tokenizer, model, problems, held_out, args) -> dict:
     while updates < args.warm_max_updates:
         model.train()
         idx = [rng.randrange(len(problems)) for _ in range(args.warm_batch)]
-        ids, mask, labels = _toy.sft_batch(tokenizer, [problems[i] for i in idx], [prompts[i] for i in idx])
+        ids, mask, labels = sft_batch(tokenizer, [prompts[i] for i in idx], [problems[i]["answer"] for i in idx])
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         keep = labels[:, 1:] != -100  # the vocabulary head only where there is a target
         logits = model.lm_head(hidden[:, :-1][keep])

@@ -77,6 +77,9 @@ class TinyModelConfig:
     vocab_size: int = 4096
     # Longest sequence the tiny model accepts.
     max_position_embeddings: int = 2048
+    # Supervised updates on the bundled toy additions before RL (0: random weights), so the
+    # tiny preset's policy starts able to answer some and its first run visibly learns.
+    warm_start_updates: int = 0
 
 
 @dataclass

@@ -135,6 +135,10 @@ def run_stage(cfg: Config, resume: str | None = None, *,
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     resolve_resume(store, resume)  # a bad --resume-step fails here, before anything starts
     require_cache(cfg)  # so does a Hub cache that lost a file since submit (CacheError)
+    if cfg.model.name == "tiny":  # built (and warm-started) once here, not by every process at once
+        from deepscaler.hf_loading import model_source
+
+        model_source(cfg)
     attempt = uuid.uuid4().hex[:12]  # the children carry it: waits and the lock know them by it
     with RunLock(store, attempt):  # a second run of this stage is refused here, before it writes anything
         point = restart_point(store, resume)

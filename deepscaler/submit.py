@@ -11,6 +11,7 @@ one heterogeneous job (the default when ``sbatch`` is on the PATH).
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import signal
 import sys
@@ -79,6 +80,20 @@ def summary(store: RunStore) -> str:
     ]
     note = offline_note(load_config(store.run_yaml))
     return "\n".join(lines + ([f"  {note}"] if note else []))
+
+
+def next_steps(store: RunStore) -> str:
+    """How to look at a finished local run, and how to run the real thing: the last lines a
+    newcomer's first command prints."""
+    where = ["--output-dir", str(store.output_dir), "--run", store.run, "--stage", str(store.stage)]
+    return "\n".join([
+        "next:",
+        f"  progress:     {shlex.join(['python', '-m', 'deepscaler.status', *where[:4]])}",
+        f"  evaluate:     {shlex.join(['python', '-m', 'deepscaler.eval', 'run', '--model', 'latest', *where])}",
+        f"  table, plot:  {shlex.join(['python', '-m', 'deepscaler.eval', 'report', *where])}",
+        "  on a cluster: python -m deepscaler.submit --stages 1,2,3 slurm.partition=<partition> "
+        "slurm.account=<account>  (docs/quickstart.md, part B)",
+    ])
 
 
 def plan_gpu_stages(configs: list[Config]) -> dict[int, dict]:
@@ -217,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(summary(store), flush=True)
+    print(next_steps(store), flush=True)
     return 0
 
 

@@ -187,8 +187,9 @@ def _save_model(model, directory: Path) -> None:
     save_tensors(directory / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
 
 
-def ensure_tiny_model(cache_dir: str | Path, shape, seed: int = 0) -> Path:
-    """The tiny model + tokenizer as an HF folder under ``cache_dir``, built once.
+def ensure_tiny_model(cache_dir: str | Path, shape, seed: int = 0, log=print) -> Path:
+    """The tiny model + tokenizer as an HF folder under ``cache_dir``, built once (and
+    warm-started when ``shape.warm_start_updates`` says so; ``log`` gets its progress).
 
     The folder name hashes the shape and seed, so a changed preset never reuses a stale
     model. It is built in a temporary sibling and renamed, so concurrent callers (several
@@ -204,7 +205,14 @@ def ensure_tiny_model(cache_dir: str | Path, shape, seed: int = 0) -> Path:
     try:
         tokenizer = build_tokenizer(vocab_size=shape.vocab_size)
         save_tokenizer(tokenizer, tmp)
-        _save_model(build_model(shape, seed), tmp)
+        model = build_model(shape, seed)
+        if shape.warm_start_updates:
+            from deepscaler.warm_start import TASK, warm_start
+
+            log(f"tiny model: {shape.warm_start_updates} supervised warm-start updates on {TASK}, once "
+                f"(cached in {final})")
+            warm_start(model, tokenizer, shape.warm_start_updates, seed, log=log)
+        _save_model(model, tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # another process won the race: theirs is as good as ours

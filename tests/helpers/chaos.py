@@ -28,7 +28,7 @@ REFERENCE_STEPS = 4
 
 
 def submit_argv(out: Path, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local",
+    return [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny-random", "--executor", "local",
             "--output-dir", str(out), "--max-steps", str(steps), "run.deterministic=true", "checkpoint.interval=2",
             *extra]
 

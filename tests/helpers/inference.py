@@ -25,7 +25,7 @@ PROMPTS = [[3, 2, 101, 202, 303], [3, 2, 7], [3, 2, 1000, 1001, 1002, 1003, 1004
 def make_run(root: Path, *overrides: str) -> tuple[Config, RunStore]:
     """A tiny-preset stage directory with weights step 0 (the base model), step 1 (perturbed)
     and step 2 (eos-loving: the first token after PROMPTS[0] is eos, for the finish tests)."""
-    cfg = load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny.yaml"], [f"run.output_dir={root}", *overrides])
+    cfg = load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny-random.yaml"], [f"run.output_dir={root}", *overrides])
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     store.ensure_dirs()
     store.run_yaml.write_text(to_yaml(cfg))

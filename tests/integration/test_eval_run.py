@@ -73,7 +73,7 @@ def test_a_model_folder_is_evaluated_as_a_base(tmp_path: Path) -> None:
     cfg, store = make_run(tmp_path / "trained")
     folder = store.step_dir("weights", 2)  # any Hugging Face folder will do
     out = tmp_path / "evals"
-    done = eval_cli("run", "--model", str(folder), "--output-dir", str(out), "--preset", "tiny",
+    done = eval_cli("run", "--model", str(folder), "--output-dir", str(out), "--preset", "tiny-random",
                     "--benchmarks", "math500", "eval.benchmarks.math500.max_problems=3")
     assert done.returncode == 0, done.stdout + done.stderr
     own = RunStore(out, "step_2", 1)  # a run named after the folder
@@ -89,7 +89,7 @@ def test_retention_keeps_steps_a_sweep_has_claimed(tmp_path: Path) -> None:
     marker, as a sweep writes them before it submits, and deletes the others."""
     store = RunStore(tmp_path, "tiny", 1)
     store.mark_eval_pending(1, ["math500"])
-    done = subprocess.run([sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny",
+    done = subprocess.run([sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny-random",
                            "--executor", "local", "--output-dir", str(tmp_path), "--max-steps", "3",
                            "checkpoint.keep_last=1"], capture_output=True, text=True, cwd=REPO, timeout=400,
                           env={**os.environ, "PYTHONPATH": str(REPO)})

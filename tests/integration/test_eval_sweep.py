@@ -51,7 +51,7 @@ def wait_final(job_id: str, count: int, timeout_s: float = 240) -> dict[str, tup
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> RunStore:
     out = tmp_path_factory.mktemp("eval sweep")  # a space in the path: every command must quote it
-    done = cli("deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local",
+    done = cli("deepscaler.submit", "--stage", "1", "--preset", "tiny-random", "--executor", "local",
                "--output-dir", str(out), "--max-steps", "2")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     store = RunStore(out, "tiny", 1)

@@ -1,5 +1,7 @@
-"""The whole tiny RL loop on CPU, as the README runs it: real server, orchestrator and trainer
-processes under the local launcher, talking through HTTP and the run directory."""
+"""The whole tiny RL loop on CPU, through the processes the README's main command starts: real
+server, orchestrator and trainer under the local launcher, talking through HTTP and the run
+directory. On the test preset (tiny-random: a random model, fast); the README's own preset, which
+learns, runs in test_quickstart.py."""
 
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ STEPS = REFERENCE_STEPS
 
 
 def submit_argv(out: Path, *extra: str, steps: int = STEPS) -> list[str]:
-    """The README's main command, in a temp dir, deterministic so that runs can be compared."""
-    return [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local",
+    """The main command on the test preset, in a temp dir, deterministic so that runs can be compared."""
+    return [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny-random", "--executor", "local",
             "--output-dir", str(out), "--max-steps", str(steps), "run.deterministic=true", *extra]
 
 

@@ -48,7 +48,7 @@ UMASK = "0027"
 def submit(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "DEEPSCALER_FAULT")}
     env.update(SECRETS, HF_HOME=str(out / "hf-home"), PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-c", WRAPPER, "--stage", "1", "--preset", "tiny", "--output-dir", str(out),
+    return subprocess.run([sys.executable, "-c", WRAPPER, "--stage", "1", "--preset", "tiny-random", "--output-dir", str(out),
                            f"model.name={MODEL}", f"data.train={DATASET}", f"run.umask={UMASK}", *args],
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO,
                           preexec_fn=lambda: os.umask(0))  # a careless login shell: everything 0666/0777

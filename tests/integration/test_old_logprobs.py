@@ -23,7 +23,7 @@ FAULTS = "server.logprob_noise@0.3,orchestrator.random_rewards@on"
 
 
 def run(out: Path, *overrides: str) -> list[dict]:
-    argv = [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local",
+    argv = [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny-random", "--executor", "local",
             "--output-dir", str(out), "--max-steps", "3", "run.deterministic=true", *overrides]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=400, cwd=REPO,
                           env={**os.environ, "DEEPSCALER_FAULT": FAULTS})

@@ -29,7 +29,7 @@ def cancel_leftover_jobs(tmp_path: Path):
 
 
 def submit_argv(out: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "deepscaler.submit", "--preset", "tiny", "--output-dir", str(out), *args]
+    return [sys.executable, "-m", "deepscaler.submit", "--preset", "tiny-random", "--output-dir", str(out), *args]
 
 
 def submit(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

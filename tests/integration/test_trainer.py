@@ -24,7 +24,7 @@ PROMPTS, GROUP = 4, 4
 
 def make_run(tmp_path: Path, *overrides: str, steps: int = 4) -> tuple[Path, RunStore]:
     cfg = load_config(
-        [REPO / "yaml/stage1.yaml", REPO / "yaml/tiny.yaml"],
+        [REPO / "yaml/stage1.yaml", REPO / "yaml/tiny-random.yaml"],
         [
             f"run.output_dir={tmp_path}",
             f"run.max_steps={steps}",

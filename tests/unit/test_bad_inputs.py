@@ -41,12 +41,12 @@ CASES = [
     ("config", ["{empty}"], ["empty.yaml", "empty"]),
     ("config", ["{bad_yaml}"], ["bad.yaml", "invalid YAML"]),
     ("config", ["yaml/nope.yaml"], ["nope.yaml", "no such config file"]),
-    ("submit", ["--stage", "1", "--preset", "tiny", "sampling.temperature=0"], ["sampling.temperature"]),
-    ("submit", ["--stage", "1", "--preset", "tiny", "run.name=a b"], ["run.name"]),
-    ("submit", ["--stages", "1,x", "--preset", "tiny"], ["--stages"]),
+    ("submit", ["--stage", "1", "--preset", "tiny-random", "sampling.temperature=0"], ["sampling.temperature"]),
+    ("submit", ["--stage", "1", "--preset", "tiny-random", "run.name=a b"], ["run.name"]),
+    ("submit", ["--stages", "1,x", "--preset", "tiny-random"], ["--stages"]),
     ("submit", ["--stage", "1", "--preset", "nope"], ["nope", "no such config file"]),
-    ("submit", ["--stage", "1", "--preset", "tiny", "--resume-step", "abc"], ["--resume-step", "abc"]),
-    ("submit", ["--stage", "1", "--preset", "tiny", "--executor", "local", "--output-dir", "{a_file}"],
+    ("submit", ["--stage", "1", "--preset", "tiny-random", "--resume-step", "abc"], ["--resume-step", "abc"]),
+    ("submit", ["--stage", "1", "--preset", "tiny-random", "--executor", "local", "--output-dir", "{a_file}"],
      ["run.output_dir", "is a file"]),
     ("plan", ["--stage", "1", "trainer.micro_batch_tokens=0"], ["trainer.micro_batch_tokens"]),
     ("eval", ["report", "--output-dir", "{out}"], ["no run"]),
@@ -87,7 +87,7 @@ def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(command, argv, words,
 
 @pytest.mark.parametrize("argv", [
     ["deepscaler.config", "yaml/stage1.yaml", "sampling.temperature=0"],
-    ["deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local", "sampling.samples_per_prompt=1"],
+    ["deepscaler.submit", "--stage", "1", "--preset", "tiny-random", "--executor", "local", "sampling.samples_per_prompt=1"],
 ])
 def test_no_traceback_reaches_the_terminal(argv, tmp_path):
     done = subprocess.run([sys.executable, "-m", *argv, *(["--output-dir", str(tmp_path)] if "submit" in argv[0] else [])],
@@ -102,7 +102,7 @@ def test_resume_latest_without_a_checkpoint_says_it_starts_from_step_0(tmp_path,
     from deepscaler import submit
 
     monkeypatch.setattr("deepscaler.launch.run_stage", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    code = submit.main(["--stage", "1", "--preset", "tiny", "--executor", "local", "--output-dir", str(tmp_path),
+    code = submit.main(["--stage", "1", "--preset", "tiny-random", "--executor", "local", "--output-dir", str(tmp_path),
                         "--resume-step", "latest"])
     err = capsys.readouterr().err
     assert code == 130 and "notice: --resume-step latest: no checkpoint in" in err and "starting from step 0" in err
@@ -126,7 +126,7 @@ def test_an_unusable_output_dir_is_one_line_before_anything_runs(code, text, tmp
     monkeypatch.setattr(Path, "mkdir", mkdir)
     started = []
     monkeypatch.setattr("deepscaler.launch.run_stage", lambda *a, **k: started.append(a))
-    assert submit.main(["--stage", "1", "--preset", "tiny", "--executor", "local", "--output-dir", str(out)]) == 2
+    assert submit.main(["--stage", "1", "--preset", "tiny-random", "--executor", "local", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: run.output_dir '{out}': cannot create {out}")
     assert err.endswith(f": {text}\n") and started == []

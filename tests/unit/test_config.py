@@ -69,7 +69,7 @@ def test_eval_file_has_the_protocol():
 
 def test_tiny_preset_overlays_any_stage():
     for stage in (1, 2, 3):
-        cfg = stage_config(stage, "tiny")
+        cfg = stage_config(stage, "tiny-random")
         assert cfg.run.stage == stage
         assert cfg.model.name == "tiny" and cfg.inference.backend == "hf"
         assert cfg.sampling.max_response_tokens == 64
@@ -132,7 +132,7 @@ def test_overrides_are_typed():
 
 def test_find_config_by_name():
     assert find_config("stage2") == YAML_DIR / "stage2.yaml"
-    assert find_config("tiny.yaml") == YAML_DIR / "tiny.yaml"
+    assert find_config("tiny-random.yaml") == YAML_DIR / "tiny-random.yaml"
 
 
 def test_time_minutes():
@@ -267,7 +267,7 @@ def test_cli_error_is_one_line_and_exit_2():
 
 
 def test_submit_dry_run_prints_the_resolved_stages():
-    out = _run("deepscaler.submit", "--stages", "1,2", "--preset", "tiny", "--dry-run", "--max-steps", "3", "--executor", "local")
+    out = _run("deepscaler.submit", "--stages", "1,2", "--preset", "tiny-random", "--dry-run", "--max-steps", "3", "--executor", "local")
     assert out.returncode == 0, out.stderr
     docs = [d for d in out.stdout.split("# stage ") if d.strip()]
     assert len(docs) == 2
@@ -294,7 +294,7 @@ def test_flags_in_the_recipes_style_are_overrides():
 
 @pytest.mark.parametrize("argv", [
     [sys.executable, "-m", "deepscaler.config", "yaml/stage1.yaml", "--log.level", "debug", "--run.name=flags"],
-    [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny", "--executor", "local",
+    [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny-random", "--executor", "local",
      "--dry-run", "--log.level", "debug", "--run.name=flags"],
 ])
 def test_commands_take_the_flag_style(argv):

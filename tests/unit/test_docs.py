@@ -73,7 +73,7 @@ def test_reference_shows_defaults_and_the_stage_files():
     row = next(line for line in text.splitlines() if line.startswith("| `sampling.max_response_tokens` |"))
     assert "| `8192` |" in row
     assert "stage2.yaml: `16384` (paper: " in row  # the value, and the comment of its line
-    assert "tiny.yaml: `64`" in row
+    assert "tiny-random.yaml: `64`" in row
     # Defaults come from an instance: eval.resources has its own, not ComponentResources'.
     row = next(line for line in text.splitlines() if line.startswith("| `eval.resources.gpus_per_node` |"))
     assert "| `1` |" in row

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def make_run(root: Path, run: str = "tiny", steps=(0, 1, 2), *overrides: str) -> RunStore:
-    cfg = load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny.yaml"],
+    cfg = load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny-random.yaml"],
                       [f"run.output_dir={root}", f"run.name={run}", *overrides])
     store = RunStore(root, run, 1)
     store.ensure_dirs()
@@ -120,7 +120,7 @@ def test_a_step_is_evaluated_with_the_runs_settings(tmp_path: Path) -> None:
 def test_a_model_folder_of_no_run_gets_a_run_of_its_own(tmp_path: Path, capsys) -> None:
     folder = tmp_path / "models" / "My Model"
     folder.mkdir(parents=True)
-    cfg, store, what = eval_config(str(folder), tmp_path / "out", None, 1, "tiny")
+    cfg, store, what = eval_config(str(folder), tmp_path / "out", None, 1, "tiny-random")
     assert (store.run, what, cfg.model.name) == ("My_Model", "base", str(folder))
     assert store.run_yaml.is_file() and load_config(store.run_yaml).model.name == str(folder)
     # that run's evals/base/ is this model's: another model is refused there
@@ -181,10 +181,10 @@ def test_dry_run_skips_evaluated_steps_and_prints_the_array_script(tmp_path: Pat
 
 def test_tasks_run_the_same_entry_point(tmp_path: Path) -> None:
     store = make_run(tmp_path)
-    args = argparse.Namespace(preset="tiny", seed=3, force=False, overrides=["eval.temperature=0.7"])
+    args = argparse.Namespace(preset="tiny-random", seed=3, force=False, overrides=["eval.temperature=0.7"])
     argv = task_argv(store, 2, ["math500"], args)
     assert argv == ["run", "--model", "2", "--output-dir", str(tmp_path.resolve()), "--run", "tiny", "--stage", "1",
-                    "--benchmarks", "math500", "--preset", "tiny", "--seed", "3", "--skip-existing",
+                    "--benchmarks", "math500", "--preset", "tiny-random", "--seed", "3", "--skip-existing",
                     "eval.temperature=0.7"]
 
 

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_at_the_tiny_shape_on_cpu(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--device", "cpu", "--preset", "tiny",
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--device", "cpu", "--preset", "tiny-random",
                           "--tokens", "96,160", "--attention", "varlen,sdpa,flash_attention_2", "--out", str(tmp_path),
                           f"run.output_dir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -80,7 +80,7 @@ def test_the_meta_trace_agrees_with_the_allocator_on_cpu(checkpointing):
                  "model.tiny.vocab_size=16384", "model.tiny.max_position_embeddings=4096",
                  "trainer.micro_batch_tokens=3072", "data.max_prompt_tokens=128", "sampling.max_response_tokens=896",
                  "trainer.logits_chunk_tokens=1024", f"trainer.deepspeed.activation_checkpointing={checkpointing}"]
-    cfg = stage_config(1, "tiny", overrides)
+    cfg = stage_config(1, "tiny-random", overrides)
     config = model_config(cfg)
     lengths = plan.row_lengths(cfg)
     assert lengths == [1024, 1024, 1024]
@@ -107,4 +107,4 @@ def test_a_tracker_counts_a_storage_once_and_frees_it():
 def test_a_cpu_preset_has_nothing_to_plan():
     from deepscaler.submit import plan_gpu_stages
 
-    assert plan_gpu_stages([stage_config(1, "tiny")]) == {}
+    assert plan_gpu_stages([stage_config(1, "tiny-random")]) == {}

@@ -60,7 +60,7 @@ def keep_umask():
 
 
 def config(out: Path, *overrides: str, stage: int = 1):
-    return load_config([REPO / f"yaml/stage{stage}.yaml", REPO / "yaml/tiny.yaml"],
+    return load_config([REPO / f"yaml/stage{stage}.yaml", REPO / "yaml/tiny-random.yaml"],
                        [f"run.output_dir={out}", f"model.name={MODEL}", f"data.train={DATASET}", *overrides])
 
 
@@ -83,7 +83,7 @@ def test_hub_ids_are_told_from_local_sources(tmp_path):
     cfg = config(tmp_path)
     assert pf.hub_model(cfg) == pf.HubRepo(MODEL, "model", None)
     assert pf.hub_dataset(cfg) == pf.HubRepo(DATASET, "dataset", None)
-    tiny = load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny.yaml"])
+    tiny = load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny-random.yaml"])
     assert pf.hub_repos(tiny) == []  # the tiny preset needs nothing: built model, bundled data
     local = config(tmp_path, f"model.name={tmp_path}", f"data.train={tmp_path}")
     assert pf.hub_repos(local) == []
@@ -212,7 +212,7 @@ def test_prefetch_downloads_through_snapshot_download_and_records_commits(tmp_pa
                                                                           monkeypatch, capsys):
     hub = FakeHub({("model", MODEL): (model_repo, COMMIT), ("dataset", DATASET): (dataset_repo, OTHER_COMMIT)})
     monkeypatch.setattr("huggingface_hub.snapshot_download", hub.snapshot_download)
-    argv = ["--stage", "1", "--preset", "tiny", "--output-dir", str(tmp_path), f"model.name={MODEL}",
+    argv = ["--stage", "1", "--preset", "tiny-random", "--output-dir", str(tmp_path), f"model.name={MODEL}",
             f"data.train={DATASET}"]
     assert pf.main(argv) == 0, capsys.readouterr().err
     assert [(c["repo_type"], c["repo_id"], c["revision"], c["cache_dir"]) for c in hub.calls] == [
@@ -230,7 +230,7 @@ def test_prefetch_of_a_complete_cache_needs_no_network(tmp_path, model_repo, dat
     hub = FakeHub({})
     monkeypatch.setattr("huggingface_hub.snapshot_download", hub.snapshot_download)
     fill(tmp_path / "cache", model_repo, dataset_repo)
-    argv = ["--stage", "1", "--preset", "tiny", "--output-dir", str(tmp_path), f"model.name={MODEL}",
+    argv = ["--stage", "1", "--preset", "tiny-random", "--output-dir", str(tmp_path), f"model.name={MODEL}",
             f"data.train={DATASET}"]
     assert pf.main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
@@ -246,7 +246,7 @@ def test_prefetch_refresh_and_repair(tmp_path, model_repo, dataset_repo, monkeyp
     (snapshot / "tokenizer.json").unlink()
     hub = FakeHub({("model", MODEL): (model_repo, OTHER_COMMIT), ("dataset", DATASET): (dataset_repo, COMMIT)})
     monkeypatch.setattr("huggingface_hub.snapshot_download", hub.snapshot_download)
-    argv = ["--output-dir", str(tmp_path), "--preset", "tiny", f"model.name={MODEL}", f"data.train={DATASET}"]
+    argv = ["--output-dir", str(tmp_path), "--preset", "tiny-random", f"model.name={MODEL}", f"data.train={DATASET}"]
     assert pf.main(argv) == 0, capsys.readouterr().err
     assert [c["repo_type"] for c in hub.calls] == ["model"]  # the complete dataset was left alone
     assert pf.require_cache(config(tmp_path))["model"].commit == OTHER_COMMIT  # main moved on the Hub

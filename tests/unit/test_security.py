@@ -280,7 +280,7 @@ def test_the_launcher_gives_each_attempt_a_fresh_token_and_offline_children(tmp_
     def commands(cfg, run_yaml, resume):
         return {"trainer": [sys.executable, "-c", record], "orchestrator": [sys.executable, "-c", "pass"]}
 
-    cfg = load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny.yaml"], [f"run.output_dir={tmp_path}"])
+    cfg = load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny-random.yaml"], [f"run.output_dir={tmp_path}"])
     for attempt in range(2):
         run_stage(cfg, "latest", commands=commands, display=_Quiet())
     tokens = [line.split() for line in seen.read_text().splitlines()]

@@ -113,7 +113,7 @@ def run_submit(*args: str, env: dict | None = None) -> subprocess.CompletedProce
 
 
 def test_dry_run_prints_the_script_and_submits_nothing(tmp_path: Path) -> None:
-    out = run_submit("--stages", "1,2", "--preset", "tiny", "--executor", "slurm", "--dry-run", "--output-dir", str(tmp_path))
+    out = run_submit("--stages", "1,2", "--preset", "tiny-random", "--executor", "slurm", "--dry-run", "--output-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("#SBATCH hetjob") == 2
     assert "--dependency='afterok:<job of stage 1>'" in out.stdout
@@ -135,7 +135,7 @@ def test_dry_run_shows_the_srun_line_of_every_job_step(tmp_path: Path, extra: li
 
 def test_missing_sbatch_without_local_executor_is_a_one_line_error(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, but no sbatch
-    out = run_submit("--stage", "1", "--preset", "tiny", "--executor", "slurm", "--output-dir", str(tmp_path), env=env)
+    out = run_submit("--stage", "1", "--preset", "tiny-random", "--executor", "slurm", "--output-dir", str(tmp_path), env=env)
     assert out.returncode == 2
     assert out.stderr.strip() == ("error: sbatch is not on PATH: run this on a Slurm login node, "
                                   "or pass --executor local")

@@ -37,7 +37,7 @@ def test_a_restarted_forwarder_continues_the_run_where_wandb_stands(tmp_path):
     pytest.importorskip("wandb")
     from deepscaler.wandb_offline import history
 
-    cfg = load_config(["yaml/stage1.yaml", "yaml/tiny.yaml"],
+    cfg = load_config(["yaml/stage1.yaml", "yaml/tiny-random.yaml"],
                       [f"run.output_dir={tmp_path}", "wandb.project=p", "wandb.mode=offline"])
     store = RunStore(tmp_path, cfg.run.name, 1)
     store.ensure_dirs()
@@ -87,7 +87,7 @@ def test_a_project_without_the_package_is_refused_before_submission(tmp_path, mo
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    argv = ["--stage", "1", "--preset", "tiny", "--executor", "local", "--output-dir", str(tmp_path / "out"),
+    argv = ["--stage", "1", "--preset", "tiny-random", "--executor", "local", "--output-dir", str(tmp_path / "out"),
             "--wandb.project", "deepscaler"]
     assert submit.main(argv) == 2
     err = capsys.readouterr().err
