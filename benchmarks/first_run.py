@@ -23,15 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _toy import REPO, load_average  # noqa: E402
 
 from deepscaler.progress import step_rows  # noqa: E402
 from deepscaler.store import RunStore  # noqa: E402
-
-
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> int:

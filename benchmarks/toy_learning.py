@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _toy  # noqa: E402
 
 from deepscaler.config import TinyModelConfig  # noqa: E402
-from deepscaler.warm_start import sft_batch  # noqa: E402
+from deepscaler.warm_start import sft_batch, sft_loss  # noqa: E402
 
 SHAPE = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256,
                         vocab_size=4096, max_position_embeddings=512)
@@ -92,11 +92,7 @@ def warm_start(tokenizer, model, problems, held_out, args) -> dict:
         model.train()
         idx = [rng.randrange(len(problems)) for _ in range(args.warm_batch)]
         ids, mask, labels = sft_batch(tokenizer, [prompts[i] for i in idx], [problems[i]["answer"] for i in idx])
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        keep = labels[:, 1:] != -100  # the vocabulary head only where there is a target
-        logits = model.lm_head(hidden[:, :-1][keep])
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep],
-                                                 label_smoothing=args.warm_label_smoothing)
+        loss = sft_loss(model, ids, mask, labels, args.warm_label_smoothing)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

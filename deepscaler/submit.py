@@ -85,10 +85,11 @@ def summary(store: RunStore) -> str:
 def next_steps(store: RunStore) -> str:
     """How to look at a finished local run, and how to run the real thing: the last lines a
     newcomer's first command prints."""
-    where = ["--output-dir", str(store.output_dir), "--run", store.run, "--stage", str(store.stage)]
+    run = ["--output-dir", str(store.output_dir), "--run", store.run]
+    where = [*run, "--stage", str(store.stage)]
     return "\n".join([
         "next:",
-        f"  progress:     {shlex.join(['python', '-m', 'deepscaler.status', *where[:4]])}",
+        f"  progress:     {shlex.join(['python', '-m', 'deepscaler.status', *run])}",
         f"  evaluate:     {shlex.join(['python', '-m', 'deepscaler.eval', 'run', '--model', 'latest', *where])}",
         f"  table, plot:  {shlex.join(['python', '-m', 'deepscaler.eval', 'report', *where])}",
         "  on a cluster: python -m deepscaler.submit --stages 1,2,3 slurm.partition=<partition> "

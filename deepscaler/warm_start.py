@@ -44,6 +44,17 @@ def sft_batch(tokenizer, prompts: list[list[int]], answers: list[str]):
     return ids, mask, labels
 
 
+def sft_loss(model, ids, mask, labels, label_smoothing: float):
+    """Cross-entropy of a causal LM on the labelled positions of a :func:`sft_batch`; the
+    vocabulary head runs only where there is a target."""
+    import torch
+
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = labels[:, 1:] != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep], label_smoothing=label_smoothing)
+
+
 def warm_start(model, tokenizer, updates: int, seed: int = 0, log=print) -> float:
     """``updates`` AdamW steps of batch :data:`BATCH` on :data:`TASK`, in place; returns the last
     loss. Seeded: the same shape and seed give the same weights."""
@@ -66,11 +77,7 @@ def warm_start(model, tokenizer, updates: int, seed: int = 0, log=print) -> floa
             for update in range(1, updates + 1):
                 idx = [rng.randrange(len(problems)) for _ in range(BATCH)]
                 ids, mask, labels = sft_batch(tokenizer, [prompts[i] for i in idx], [problems[i].answer for i in idx])
-                hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                keep = labels[:, 1:] != -100  # the vocabulary head only where there is a target
-                logits = model.lm_head(hidden[:, :-1][keep])
-                step_loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][keep],
-                                                              label_smoothing=LABEL_SMOOTHING)
+                step_loss = sft_loss(model, ids, mask, labels, LABEL_SMOOTHING)
                 opt.zero_grad()
                 step_loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
