@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -25,7 +26,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from deepscaler.process import umask_bits
-from deepscaler.slurm.options import time_seconds, valid_time
+from deepscaler.slurm.options import control_character_keys, time_seconds, valid_time
 from deepscaler.strict_yaml import (ConfigError, apply_override, build, flags_to_overrides, hint, merge, parse_override,
                                     read_file)
 
@@ -52,12 +53,20 @@ class RunConfig:
     max_steps: Union[int, None] = None
     # Bit-reproducible CPU runs (resume tests); slower, never for real training.
     deterministic: bool = False
-    # umask of every process of the run, as octal digits (quote it in YAML: "0002"). Files and
-    # folders under the run dir are then group-shared and never world-writable.
-    umask: str = "0002"
+    # umask bits every process of the run adds to the umask it inherited, as octal digits (quote
+    # it in YAML: "0027"): never group- or world-writable; the user's own stricter umask stays.
+    # "0027": the group reads, others nothing; "0022": everyone reads (docs/security.md).
+    umask: str = "0027"
     # Jobs read Hub models and datasets only from the cache that `python -m deepscaler.prefetch`
     # filled on the login node (HF_HUB_OFFLINE=1); false: processes download what they miss.
     hub_offline: bool = True
+    # Seconds between rewrites of the stage's LOCK/holder.json by its supervisor: its heartbeat.
+    lock_heartbeat_s: float = 30.0
+    # A lock held outside Slurm from another host is taken over when neither its holder file nor
+    # its trainer's and orchestrator's hand-over reports were rewritten for this long (a lost
+    # node). On the same host and under Slurm liveness is known exactly: a stopped (Ctrl-Z) run,
+    # or one whose processes live on, keeps its lock however old its heartbeat.
+    lock_stale_s: float = 120.0
 
 
 @dataclass
@@ -133,7 +142,8 @@ class OrchestratorConfig:
     prompts_per_step: int = 128
     # Steps that sampling may run ahead of the newest weights (0: on-policy).
     async_level: int = 0
-    # Longest a server may take to answer one request; a hung server fails the stage.
+    # Longest a live server may take to answer one request (a long generation); one that stops
+    # answering /health is given up sooner (inference.liveness_timeout_s).
     request_timeout_s: float = 3600.0
     # How long the orchestrator waits for the trainer's weights/step_N before failing.
     weights_timeout_s: float = 7200.0
@@ -237,8 +247,17 @@ class InferenceConfig:
     enable_prefix_caching: bool = True
     # Longest a server may take to come up before the stage fails with its log tail.
     startup_timeout_s: float = 900.0
+    # A server that answers no GET /health for this long while a request to it is in flight
+    # (stopped, hung, its node lost) fails the stage; a live one may still take up to
+    # orchestrator.request_timeout_s per request (/health answers during a generation).
+    liveness_timeout_s: float = 60.0
     # auto: in-place reload on GPU vLLM, engine restart on CPU (docs/platform-notes.md).
     weight_update: Literal["auto", "reload", "restart"] = "auto"
+    # Longest a server waits on one socket read or write: a half-sent request is dropped (anyone
+    # who reaches the port can open a connection before the token is checked).
+    socket_timeout_s: float = 30.0
+    # Connections a server serves at once; more are answered 503 and closed.
+    max_connections: int = 64
 
 
 @dataclass
@@ -464,14 +483,167 @@ def stage_config(stage: int, preset: str | None = None, overrides: list[str] = (
 # --------------------------------------------------------------------------- meaning
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric key allows: from ``low`` to ``high`` (None: no end), an ``*_open``
+    end excluded. ``why`` is added to the error when the bound is not obvious."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def allows(self, v: float) -> bool:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return self.high is None or (v < self.high if self.high_open else v <= self.high)
+
+    def text(self) -> str:
+        why = f": {self.why}" if self.why else ""
+        if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
+            return f"between {_num(self.low)} and {_num(self.high)}{why}"
+        ends = []
+        if self.low is not None:
+            ends.append(f"more than {_num(self.low)}" if self.low_open else f"{_num(self.low)} or more")
+        if self.high is not None:
+            ends.append(f"less than {_num(self.high)}" if self.high_open else f"at most {_num(self.high)}")
+        return " and ".join(ends) + why
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def at_least(n: float, why: str = "") -> Bounds:
+    return Bounds(n, why=why)
+
+
+def more_than(n: float, why: str = "") -> Bounds:
+    return Bounds(n, low_open=True, why=why)
+
+
+SEEDS = Bounds(0, 2**32 - 1, why="numpy's seed range")
+FRACTION = Bounds(0, 1, low_open=True)  # a share: (0, 1]
+TIMEOUT = more_than(0)
+
+# The range of EVERY numeric key ('*': any entry of a mapping; a list's range is each item's).
+# Why one table: a value the run cannot use (lr=inf, ppo_epochs=0) must fail at submit, in one
+# line, not hours later as an IndexError; tests/unit/test_config.py walks the dataclasses and
+# fails for a numeric key missing here. Non-finite floats (inf, nan) are refused everywhere.
+RANGES: dict[str, Bounds] = {
+    "run.stage": at_least(1),
+    "run.seed": SEEDS,
+    "run.max_steps": at_least(1),
+    "run.lock_heartbeat_s": TIMEOUT,
+    "run.lock_stale_s": TIMEOUT,
+    "model.tiny.hidden_size": at_least(1),
+    "model.tiny.num_layers": at_least(1),
+    "model.tiny.num_heads": at_least(1),
+    "model.tiny.num_kv_heads": at_least(1),
+    "model.tiny.intermediate_size": at_least(1),
+    "model.tiny.vocab_size": at_least(7, "the tokenizer has six special tokens"),
+    "model.tiny.max_position_embeddings": at_least(1),
+    "model.tiny.warm_start_updates": at_least(0),
+    "data.max_prompt_tokens": at_least(1),
+    "data.max_problems": at_least(1),
+    "sampling.samples_per_prompt": at_least(2, "GRPO's advantage compares the samples of a prompt, "
+                                                "and a group of one always gets 0"),
+    "sampling.max_response_tokens": at_least(1),
+    "sampling.temperature": more_than(0, "the loss needs the log-probs of the sampling distribution, which "
+                                         "greedy decoding (temperature 0) does not have"),
+    "sampling.top_p": FRACTION,
+    "orchestrator.prompts_per_step": at_least(1),
+    "orchestrator.async_level": at_least(0),
+    "orchestrator.request_timeout_s": TIMEOUT,
+    "orchestrator.weights_timeout_s": TIMEOUT,
+    "orchestrator.reward.workers": at_least(0),
+    "orchestrator.reward.deadline_s": TIMEOUT,
+    "trainer.mini_batches_per_step": at_least(1),
+    "trainer.ppo_epochs": at_least(1),
+    "trainer.micro_batch_tokens": at_least(1),
+    "trainer.logits_chunk_tokens": at_least(1),
+    "trainer.rollout_timeout_s": TIMEOUT,
+    "trainer.optimizer.lr": more_than(0),
+    "trainer.optimizer.betas": Bounds(0, 1, high_open=True),
+    "trainer.optimizer.weight_decay": at_least(0),
+    "trainer.optimizer.eps": more_than(0),
+    "trainer.optimizer.grad_clip": at_least(0, "0 turns clipping off"),
+    "trainer.optimizer.warmup_steps": at_least(0),
+    "trainer.loss.clip_ratio_low": Bounds(0, 1),
+    "trainer.loss.clip_ratio_high": at_least(0),
+    "trainer.loss.kl_coef": at_least(0),
+    "trainer.loss.entropy_coef": at_least(0),
+    "trainer.loss.tis_cap": at_least(1, "or null (off), or auto"),
+    "trainer.loss.clip_ratio_c": more_than(1, "or null (off)"),
+    "trainer.deepspeed.zero_stage": Bounds(0, 3),
+    "inference.tensor_parallel": at_least(1),
+    "inference.gpu_memory_utilization": FRACTION,
+    "inference.max_model_len": at_least(1),
+    "inference.startup_timeout_s": TIMEOUT,
+    "inference.liveness_timeout_s": TIMEOUT,
+    "inference.socket_timeout_s": TIMEOUT,
+    "inference.max_connections": at_least(4, "a request, the client's /health checks and a weight update overlap"),
+    "slurm.gpus_per_node_max": at_least(1),
+    "slurm.gpu_memory_gib": more_than(0),
+    "slurm.signal_delay_s": at_least(0),
+    "slurm.max_requeues": at_least(0),
+    **{f"{component}.{key}": bounds for component in ("slurm.inference", "slurm.trainer", "eval.resources")
+       for key, bounds in (("nodes", at_least(1)), ("gpus_per_node", at_least(0)), ("cpus_per_gpu", at_least(1)))},
+    "checkpoint.interval": at_least(1),
+    "checkpoint.keep_last": at_least(1),
+    "checkpoint.keep_every": at_least(0),
+    "checkpoint.init_from_stage": at_least(1),
+    "eval.benchmarks.*.samples": at_least(1),
+    "eval.benchmarks.*.pass_k": at_least(1),
+    "eval.benchmarks.*.max_problems": at_least(1),
+    "eval.temperature": at_least(0),
+    "eval.top_p": FRACTION,
+    "eval.max_response_tokens": at_least(1),
+    "eval.seed": SEEDS,
+    "eval.max_parallel": at_least(1),
+}
+
+
+def numeric_values(node: Any, key: str = "", pattern: str = "") -> Any:
+    """(RANGES pattern, dotted key, value) of every number in the config tree, by walking it."""
+    dot = "." if key else ""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield from numeric_values(getattr(node, f.name), f"{key}{dot}{f.name}", f"{pattern}{dot}{f.name}")
+    elif isinstance(node, dict):
+        for name, item in node.items():
+            yield from numeric_values(item, f"{key}.{name}", f"{pattern}.*")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from numeric_values(item, f"{key}[{i}]", pattern)
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield pattern, key, node
+
+
+def check_ranges(cfg: Config, source: str) -> None:
+    """Every number finite and within its key's ``RANGES`` entry; ConfigError names the first not."""
+    for pattern, key, value in numeric_values(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: key '{key}' ({value}) must be a finite number")
+        bounds = RANGES.get(pattern)
+        if bounds is not None and not bounds.allows(value):
+            raise ConfigError(f"{source}: key '{key}' ({value}) must be {bounds.text()}")
+
+
 def validate(cfg: Config, source: str) -> None:
-    """Checks across keys that types alone cannot express."""
+    """The range of each number (``RANGES``), then checks across keys that types alone cannot express."""
 
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
             raise ConfigError(f"{source}: key '{key}' {why}")
 
-    need(cfg.run.stage >= 1, "run.stage", "must be 1 or more")
+    check_ranges(cfg, source)
+    tiny = cfg.model.tiny
+    need(tiny.hidden_size % tiny.num_heads == 0, "model.tiny.num_heads",
+         f"({tiny.num_heads}) must divide model.tiny.hidden_size ({tiny.hidden_size})")
+    need(tiny.num_heads % tiny.num_kv_heads == 0, "model.tiny.num_kv_heads",
+         f"({tiny.num_kv_heads}) must divide model.tiny.num_heads ({tiny.num_heads})")
     need(bool(RUN_NAME.match(cfg.run.name)), "run.name",
          f"({cfg.run.name!r}) must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
          "(it names a directory and the Slurm jobs)")
@@ -479,43 +651,26 @@ def validate(cfg: Config, source: str) -> None:
         umask_bits(cfg.run.umask)
     except ValueError as e:
         need(False, "run.umask", str(e))
-    need(cfg.run.max_steps is None or cfg.run.max_steps >= 1, "run.max_steps", "must be 1 or more")
-    need(cfg.sampling.samples_per_prompt >= 2, "sampling.samples_per_prompt",
-         f"({cfg.sampling.samples_per_prompt}) must be 2 or more: GRPO's advantage compares the samples of a prompt, "
-         "and a group of one always gets 0")
-    need(0.0 < cfg.sampling.top_p <= 1.0, "sampling.top_p", "must be in (0, 1]")
-    need(cfg.sampling.temperature > 0.0, "sampling.temperature",
-         f"({cfg.sampling.temperature}) must be more than 0: the loss needs the log-probs of the sampling "
-         "distribution, which greedy decoding (temperature 0) does not have")
-    need(cfg.orchestrator.prompts_per_step >= 1, "orchestrator.prompts_per_step", "must be 1 or more")
-    need(cfg.sampling.max_response_tokens >= 1, "sampling.max_response_tokens", "must be 1 or more")
-    need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be 1 or more")
-    need(cfg.orchestrator.async_level >= 0, "orchestrator.async_level", "must be 0 or more")
+    need(cfg.run.lock_stale_s >= 2 * cfg.run.lock_heartbeat_s, "run.lock_stale_s",
+         f"({cfg.run.lock_stale_s}) must be at least twice run.lock_heartbeat_s ({cfg.run.lock_heartbeat_s}): "
+         "one late heartbeat must not give the lock away")
     need(cfg.orchestrator.async_level < cfg.checkpoint.keep_last, "orchestrator.async_level",
          f"({cfg.orchestrator.async_level}) must be less than checkpoint.keep_last ({cfg.checkpoint.keep_last}): "
          "retention would delete weights that sampling may still need")
     mb = cfg.trainer.mini_batches_per_step
-    need(mb >= 1, "trainer.mini_batches_per_step", "must be 1 or more")
     need(
         cfg.orchestrator.prompts_per_step % mb == 0,
         "orchestrator.prompts_per_step",
         f"({cfg.orchestrator.prompts_per_step}) must be divisible by trainer.mini_batches_per_step ({mb})",
     )
-    need(cfg.trainer.deepspeed.zero_stage in (0, 1, 2, 3), "trainer.deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     need(len(cfg.trainer.optimizer.betas) == 2, "trainer.optimizer.betas", "must have two values")
-    need(cfg.trainer.optimizer.lr > 0, "trainer.optimizer.lr", "must be positive")
-    need(cfg.trainer.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", "must be 1 or more")
-    need(cfg.trainer.logits_chunk_tokens >= 1, "trainer.logits_chunk_tokens", "must be 1 or more")
     lc = cfg.trainer.loss
-    need(lc.tis_cap in (None, "auto") or lc.tis_cap >= 1.0, "trainer.loss.tis_cap", "must be 1 or more (or null, auto)")
-    need(lc.clip_ratio_c is None or lc.clip_ratio_c > 1.0, "trainer.loss.clip_ratio_c", "must be more than 1 (or null)")
     need(tis_cap(cfg) is None or lc.old_logprobs == "trainer", "trainer.loss.tis_cap",
          "needs trainer.loss.old_logprobs: trainer (the weights compare the trainer's log-probs with the sampler's)")
     for name in ("inference", "trainer"):
         res: ComponentResources = getattr(cfg.slurm, name)
-        need(res.nodes >= 1, f"slurm.{name}.nodes", "must be 1 or more")
         need(
-            0 <= res.gpus_per_node <= cfg.slurm.gpus_per_node_max,
+            res.gpus_per_node <= cfg.slurm.gpus_per_node_max,
             f"slurm.{name}.gpus_per_node",
             f"({res.gpus_per_node}) is more than a node has (slurm.gpus_per_node_max={cfg.slurm.gpus_per_node_max})",
         )
@@ -528,7 +683,6 @@ def validate(cfg: Config, source: str) -> None:
         f"{s_tr.gpus_per_node}) do not fit on one node of slurm.gpus_per_node_max={cfg.slurm.gpus_per_node_max} GPUs",
     )
     tp, inf = cfg.inference.tensor_parallel, cfg.slurm.inference
-    need(tp >= 1, "inference.tensor_parallel", "must be 1 or more")
     if inf.gpus_per_node:
         need(
             inf.gpus_per_node % tp == 0,
@@ -540,8 +694,12 @@ def validate(cfg: Config, source: str) -> None:
         "checkpoint.init_from_stage",
         f"must name an earlier stage than run.stage ({cfg.run.stage})",
     )
-    need(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be 1 or more")
-    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be 1 or more")
+    need(cfg.inference.socket_timeout_s > 0, "inference.socket_timeout_s", "must be more than 0")
+    need(cfg.inference.max_connections >= 4, "inference.max_connections",
+         "must be 4 or more (a request, the client's /health checks and a weight update overlap)")
+    for key in control_character_keys(cfg):
+        need(False, key, "holds a control character (a newline?): it would reach a Slurm batch script as a line of "
+             "its own")
     need(valid_time(cfg.slurm.time), "slurm.time", f"'{cfg.slurm.time}' is not a Slurm time (e.g. 2-00:00:00, 04:00:00, 90)")
     # slurmctld checks limits every 30 s and sends the signal at the first check that finds the
     # time left within signal_delay_s + 30 s: an attempt runs between time - delay - 30 s and
@@ -556,7 +714,6 @@ def validate(cfg: Config, source: str) -> None:
 
     for bench, b in cfg.eval.benchmarks.items():
         need(bench in BENCHMARKS, f"eval.benchmarks.{bench}", f"is not a known benchmark{hint(bench, list(BENCHMARKS))}")
-        need(b.samples >= 1, f"eval.benchmarks.{bench}.samples", "must be 1 or more")
         need(
             b.pass_k is None or 1 <= b.pass_k <= b.samples,
             f"eval.benchmarks.{bench}.pass_k",

@@ -3,6 +3,7 @@
     DEEPSCALER_FAULT=checkpoint.mid_write@4   # SIGKILL this process while writing checkpoint 4 (several: a,b)
     DEEPSCALER_FAULT=reward.worker_hang@G      # a reward worker hangs on an item whose gold is G
     DEEPSCALER_FAULT=server.logprob_noise@0.3  # servers add N(0, 0.3) to every returned log-prob
+    DEEPSCALER_FAULT=server.slow_generate@20   # every /generate takes 20 s longer (a long generation)
     DEEPSCALER_FAULT=orchestrator.random_rewards@on  # rewards are fair coin flips (seeded by the step)
 
 SIGKILL, not an exception: it is what the OOM killer and a lost node do, and nothing in

@@ -56,6 +56,7 @@ class Progress:
     pid: int
     attempt: str | None
     updated: float  # time.time() of the last report
+    job_id: str | None = None  # its Slurm job: while that runs, the stage's lock is not taken over (run_lock)
 
     def where(self) -> str:
         return f"{self.role} (pid {self.pid} on {self.host}) {self.state} at step {self.step}"
@@ -77,7 +78,7 @@ class Reporter:
     def __init__(self, store: RunStore, role: str, step: int, heartbeat_s: float = HEARTBEAT_S, active: bool = True):
         self.store, self.heartbeat_s, self.active = store, heartbeat_s, active  # inactive: ranks > 0
         self.progress = Progress(role, step, "running", socket.gethostname(), os.getpid(),
-                                 os.environ.get(ATTEMPT_ENV), time.time())
+                                 os.environ.get(ATTEMPT_ENV), time.time(), os.environ.get("SLURM_JOB_ID"))
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"handover-{role}", daemon=True)

@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from deepscaler.config import Config, server_names, to_yaml
 from deepscaler.handover import ATTEMPT_ENV
 from deepscaler.inference.contract import TOKEN_ENV
 from deepscaler.run_lock import RunLock
 from deepscaler.stage import resolve_resume
-from deepscaler.store import LOG_TAIL_LINES, RunStore, atomic_write_text, log_tail
+from deepscaler.store import LOG_TAIL_LINES, RunStore, StepCorrupt, atomic_write_text, log_tail
 from deepscaler.tracking import enabled
 
 STOP_GRACE_S = 15.0
@@ -63,9 +65,38 @@ def stage_commands(cfg: Config, run_yaml: Path, resume: str | None) -> dict[str,
 
 
 def write_run_yaml(cfg: Config, store: RunStore) -> Path:
-    """The resolved config every process of the stage reads (rewritten by each submit)."""
+    """The resolved config every process of the stage reads, written by each submit and each
+    attempt. It always says what runs; a version with other values is first kept in
+    ``run-history/`` (:func:`keep_previous_run_yaml`), so the history says what ran before. An
+    attempt that re-reads run.yaml (a Slurm requeue) writes the same values: nothing changes."""
     store.ensure_dirs()
-    return atomic_write_text(store.run_yaml, to_yaml(cfg))
+    text = to_yaml(cfg)
+    try:
+        old = store.run_yaml.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        old = None
+    if old == text:
+        return store.run_yaml  # untouched: its mtime stays the time this version was first written
+    if old is not None and not _same_values(old, text):
+        keep_previous_run_yaml(store, old)
+    return atomic_write_text(store.run_yaml, text)
+
+
+def _same_values(a: str, b: str) -> bool:
+    try:
+        return yaml.safe_load(a) == yaml.safe_load(b)
+    except yaml.YAMLError:
+        return False
+
+
+def keep_previous_run_yaml(store: RunStore, text: str) -> Path:
+    """``run-history/<time>.yaml``: the replaced run.yaml, named by when it was written (UTC)."""
+    when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(store.run_yaml.stat().st_mtime))
+    store.run_history_dir.mkdir(exist_ok=True)
+    path, n = store.run_history_dir / f"{when}.yaml", 1
+    while path.exists():
+        path, n = store.run_history_dir / f"{when}-{n}.yaml", n + 1
+    return atomic_write_text(path, text)
 
 
 def _die_with_parent() -> None:
@@ -103,6 +134,7 @@ def stop(children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
     live = [c for c in children if c.proc.poll() is None]
     for c in live:
         _signal_group(c.proc, signal.SIGTERM)
+        _signal_group(c.proc, signal.SIGCONT)  # a stopped (frozen) child acts on SIGTERM only once continued
     deadline = time.monotonic() + grace_s
     for c in live:
         try:
@@ -133,14 +165,15 @@ def run_stage(cfg: Config, resume: str | None = None, *,
     from deepscaler.prefetch import require_cache
 
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
-    resolve_resume(store, resume)  # a bad --resume-step fails here, before anything starts
-    require_cache(cfg)  # so does a Hub cache that lost a file since submit (CacheError)
-    if cfg.model.name == "tiny":  # built (and warm-started) once here, not by every process at once
-        from deepscaler.hf_loading import model_source
-
-        model_source(cfg)
     attempt = uuid.uuid4().hex[:12]  # the children carry it: waits and the lock know them by it
-    with RunLock(store, attempt):  # a second run of this stage is refused here, before it writes anything
+    # The lock first: a second run of this stage is refused here, before it does or writes anything.
+    with RunLock(store, attempt, heartbeat_s=cfg.run.lock_heartbeat_s, stale_s=cfg.run.lock_stale_s):
+        resolve_resume(store, resume)  # a bad --resume-step fails here, before anything starts
+        require_cache(cfg)  # so does a Hub cache that lost a file since submit (CacheError)
+        if cfg.model.name == "tiny":  # built (and warm-started) once here, not by every process at once
+            from deepscaler.hf_loading import model_source
+
+            model_source(cfg)
         point = restart_point(store, resume)
         return _supervise(cfg, store, point, commands, {**(extra_env or {}), ATTEMPT_ENV: attempt}, event, display)
 
@@ -152,15 +185,53 @@ def restart_point(store: RunStore, resume: str | None) -> str | None:
     was written after it belongs to an interrupted attempt and goes: checkpoints and weights
     after it, rollouts from it on (the orchestrator samples them again, as a deterministic run
     would). The trainer and the orchestrator then get the step itself, so they cannot disagree
-    about where they stand. None: a fresh start."""
+    about where they stand. What the attempt then reads before writing it again is verified as
+    the checkpoint is (:func:`discard_damaged`). None: a fresh start."""
     point = resolve_resume(store, resume, checksums=True)
-    if point is None:
-        return None
-    for kind, first in (("checkpoints", point + 1), ("weights", point + 1), ("rollouts", point)):
-        dropped = store.delete_steps(kind, [s for s in store.stable_steps(kind) if s >= first])
-        if dropped:
-            print(f"restart from checkpoint {point}: discarded {kind} {dropped}", file=sys.stderr, flush=True)
-    return str(point)
+    if point is not None:
+        for kind, first in (("checkpoints", point + 1), ("weights", point + 1), ("rollouts", point)):
+            dropped = store.delete_steps(kind, [s for s in store.stable_steps(kind) if s >= first])
+            if dropped:
+                print(f"restart from checkpoint {point}: discarded {kind} {dropped}", file=sys.stderr, flush=True)
+    discard_damaged(store, point)
+    return None if point is None else str(point)
+
+
+def discard_damaged(store: RunStore, point: int | None) -> None:
+    """Verify (sizes and checksums) the steps an attempt from checkpoint ``point`` reads before
+    it writes them again, and discard a damaged one, with a warning, so that it is written again
+    rather than failing every restart: the weights of ``point`` (what the servers start from;
+    the trainer publishes them again from the checkpoint when they are missing: the same
+    weights), and the rollouts step the orchestrator takes its data progress from (``point - 1``;
+    the checkpoint holds the same). With no checkpoint (None) the trainer reads every kept
+    rollouts step from its first one and the servers any weights step: all are verified, and a
+    damaged rollouts step goes with the ones after it (the orchestrator samples from there again).
+    Older weights steps are the servers' and the eval's to pass over (``weights_format``)."""
+    where = f"restart from checkpoint {point}" if point is not None else "fresh start"
+    weights = store.stable_steps("weights") if point is None else [s for s in [point] if store.is_stable("weights", s)]
+    for step in weights:
+        problem = _damage(store, "weights", step)
+        if problem:
+            store.delete_steps("weights", [step])
+            print(f"warning: {where}: {problem}: discarded weights [{step}] (the trainer publishes them again)",
+                  file=sys.stderr, flush=True)
+    rollouts = [s for s in store.stable_steps("rollouts") if point is None or s >= point - 1]
+    for step in rollouts:
+        problem = _damage(store, "rollouts", step)
+        if problem:
+            dropped = store.delete_steps("rollouts", [s for s in rollouts if s >= step])
+            print(f"warning: {where}: {problem}: discarded rollouts {dropped} (the orchestrator samples them again)",
+                  file=sys.stderr, flush=True)
+            break
+
+
+def _damage(store: RunStore, kind: str, step: int) -> str | None:
+    """What is wrong with a stable step (one line), or None when it verifies to the byte."""
+    try:
+        store.verify_step(kind, step, checksums=True)
+    except StepCorrupt as e:
+        return str(e)
+    return None
 
 
 def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra_env, event, display) -> RunStore:
@@ -172,7 +243,10 @@ def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra
     if torn:
         print(f"warning: {store.metrics_path} ended in a torn line ({torn} bytes, a crash mid-write); removed",
               file=sys.stderr, flush=True)
-    env = {**os.environ, **(extra_env or {}), TOKEN_ENV: secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
+    # The servers' token: a Slurm job's comes from the stage's token file (extra_env: both jobs of
+    # a two-jobs stage must hold the same one); a local attempt makes a fresh one.
+    token = (extra_env or {}).get(TOKEN_ENV) or secrets.token_hex(16)
+    env = {**os.environ, **(extra_env or {}), TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"}
     if cfg.run.hub_offline:
         env["HF_HUB_OFFLINE"] = "1"
     metrics = MetricsTail.from_end(store)

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -27,11 +28,12 @@ from deepscaler.config import Config, ConfigError, load_config_args, parse_comma
 from deepscaler.data import DataError, build_prompts, load_problems
 from deepscaler.handover import Reporter, watch
 from deepscaler.hf_loading import load_tokenizer, model_source
-from deepscaler.inference.client import InferenceClient, Sample, ServerError, log_tail, sync_weights, wait_for_servers
+from deepscaler.inference.client import (InferenceClient, Sample, ServerError, ServerGone, log_tail, sync_weights,
+                                         wait_for_servers)
 from deepscaler.process import apply_process_settings, usable_cpus
 from deepscaler.reward import BatchScorer
 from deepscaler.rollouts import Rollout, read_rollout, write_rollout
-from deepscaler.run_lock import refuse_outsider
+from deepscaler.run_lock import refuse_outsider, require_ownership
 from deepscaler.stage import checkpoint_state, first_step, previous_stage_checkpoint, resolve_resume
 from deepscaler.store import RunStore, StoreError, cache_dir
 
@@ -49,7 +51,7 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
     """Produce this stage's rollouts; returns the number of the last step written."""
     # ------------------------------------------------------------------ set-up
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
-    refuse_outsider(store)  # started by hand beside a running supervisor: refused before writing
+    refuse_outsider(store, cfg.run.lock_stale_s)  # started by hand beside a running run: refused before writing
     store.ensure_dirs()
     for path in store.clean_partial("rollouts"):
         log.warning("removed an unfinished step left by a crash: %s", path)
@@ -61,8 +63,11 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
     log.info("%d problems (%d records skipped, %d prompts over the token limit)", len(prompts), len(skipped), dropped)
 
     per_step, group = cfg.orchestrator.prompts_per_step, cfg.sampling.samples_per_prompt
+    note = small_data_note(len(prompts), per_step)
+    if note:
+        log.warning(note)
     start = first_step(cfg, store)
-    last = start + (cfg.run.max_steps or len(prompts) // per_step)
+    last = start + stage_steps(cfg.run.max_steps, len(prompts), per_step)
     step, progress = resume_point(cfg, store, resume, start)
     if step >= last:
         log.info("nothing to do: rollouts up to step %d exist", last - 1)
@@ -72,7 +77,8 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
     # here on, so that a trainer waiting during the servers' start-up sees this side alive.
     with Reporter(store, "orchestrator", step) as report:
         names = server_names(cfg)
-        clients = wait_for_servers(store, names, cfg.inference.startup_timeout_s)
+        clients = wait_for_servers(store, names, cfg.inference.startup_timeout_s,
+                                   liveness_timeout_s=cfg.inference.liveness_timeout_s)
         for c in clients.values():
             c.timeout_s = cfg.orchestrator.request_timeout_s
         loaded = {name: c.health()["weight_step"] for name, c in clients.items()}  # weights each server holds
@@ -82,7 +88,8 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
 
         # ------------------------------------------------------------------ the loop
         rc = cfg.orchestrator.reward
-        with BatchScorer(rc.workers or None, rc.deadline_s, literal_integers=rc.integer_answers == "literal") as scorer:
+        with stop_requests_on_exit(clients, pool), \
+                BatchScorer(rc.workers or None, rc.deadline_s, literal_integers=rc.integer_answers == "literal") as scorer:
             log.info("reward pool of %d worker(s); %d usable CPU(s)", scorer.num_workers, usable_cpus())
             while step < last:
                 t0 = time.perf_counter()
@@ -123,6 +130,7 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
                     truncated=[s.truncated for s in samples],
                     extra={"progress": progress, "final": final},
                 )
+                require_ownership(store)  # a run that lost the stage's lock stops before it writes again
                 write_rollout(store, step, rollout)
                 drop_consumed_rollouts(store)
 
@@ -138,8 +146,20 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
                          100 * record["truncation_rate"], rollout.weight_step, t_sample, t_score)
                 step += 1
                 report.at(step)
-        pool.shutdown()
     return step - 1
+
+
+@contextmanager
+def stop_requests_on_exit(clients: dict[str, InferenceClient], pool: ThreadPoolExecutor):
+    """On the way out, break off the requests still in flight: after one server failed, the
+    others' (a long generation) would keep this process from exiting, and the stage from
+    stopping, until they end."""
+    try:
+        yield
+    finally:
+        for c in clients.values():
+            c.close()
+        pool.shutdown(cancel_futures=True)
 
 
 def resume_point(cfg: Config, store: RunStore, resume: str | None, start: int) -> tuple[int, dict]:
@@ -183,6 +203,8 @@ def update_servers(store: RunStore, clients: dict[str, InferenceClient], loaded:
                 log.info("server %s loaded weights step %d in %.1fs (%s, probe max diff %.2g)", c.name,
                          target, report["seconds"], report["method"], report["probe_max_diff"])
             break
+        except ServerGone:
+            raise  # frozen: a retry would only wait for it again
         except ServerError:
             if attempt or store.is_stable("weights", target):
                 raise
@@ -237,6 +259,25 @@ def permutation(size: int, seed: int, epoch: int) -> list[int]:
     order = list(range(size))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
+
+
+def stage_steps(max_steps: int | None, problems: int, per_step: int) -> int:
+    """Steps of a stage: ``run.max_steps``, else one epoch, and at least one step (a data set
+    smaller than one step's prompts would otherwise run none)."""
+    return max_steps or max(1, problems // per_step)
+
+
+def small_data_note(problems: int, per_step: int) -> str | None:
+    """The one-line warning for a data set smaller than one step's prompts, else None.
+
+    Why a warning, not a refusal: overfitting a handful of problems is a legitimate test; but
+    in a real run it is usually a mistake (``data.max_problems``, a wrong file), and each step
+    then samples every problem several times over, as separate groups."""
+    if problems >= per_step:
+        return None
+    return (f"the training data has {problems} problems, fewer than orchestrator.prompts_per_step={per_step}: "
+            f"every step takes each problem up to {-(-per_step // problems)} times (in separate groups); lower "
+            "orchestrator.prompts_per_step or use more data if that is not what you meant")
 
 
 def next_batch(size: int, count: int, progress: dict) -> tuple[list[int], dict]:

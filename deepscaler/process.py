@@ -15,24 +15,50 @@ SMALL_MODEL = 100_000_000
 
 def umask_bits(text: str) -> int:
     """``run.umask`` as a number: 3 or 4 octal digits that keep the owner's access and mask
-    the world's write bit. ValueError says why not (YAML reads an unquoted 0027 as 23)."""
+    the group's and the world's write bits. ValueError says why not (YAML reads an unquoted
+    0027 as 23). Group write is refused: a group member who can write the run dir can replace
+    ``run.yaml`` or submitit's job pickle and run code as the run's owner (docs/security.md)."""
     if not (isinstance(text, str) and 3 <= len(text) <= 4 and all(c in "01234567" for c in text)):
-        raise ValueError(f"must be 3 or 4 octal digits in quotes, e.g. \"0002\" or \"0027\", got {text!r}")
+        raise ValueError(f"must be 3 or 4 octal digits in quotes, e.g. \"0027\" or \"0022\", got {text!r}")
     bits = int(text, 8)
     if bits & 0o700:
         raise ValueError(f"({text}) must not mask the owner's own permissions")
     if not bits & 0o002:
         raise ValueError(f"({text}) must mask the world-write bit (files would be world-writable)")
+    if not bits & 0o020:
+        raise ValueError(f"({text}) must mask the group-write bit: a group member who can write the run could run "
+                         "code as you (docs/security.md); \"0027\" or \"0022\" share it read-only")
     return bits
 
 
+def current_umask() -> int:
+    """The process's umask, read from /proc where Linux has it (no window with another umask),
+    else swapped out and back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def run_umask(configured: int, current: int) -> int:
+    """The umask a run's processes use: the bits of both, so the run's config only ever
+    tightens the umask the user runs with, never loosens it."""
+    return current | configured
+
+
 def apply_process_settings(cfg, *, job: bool = True) -> None:
-    """What every entry point does once it has its config, before it writes anything: set the
-    run's umask (``run.umask``), and in a job process (``job``: not the login-node commands
-    submit and prefetch) with ``run.hub_offline`` set ``HF_HUB_OFFLINE=1`` for itself and its
-    children, so nothing reaches for the Hub (``deepscaler/prefetch.py``), and the log level
-    (``log.level``)."""
-    os.umask(umask_bits(cfg.run.umask))
+    """What every entry point does once it has its config, before it writes anything: tighten
+    the umask by ``run.umask`` (:func:`run_umask`: a stricter umask of the user's stays), and in
+    a job process (``job``: not the login-node commands submit and prefetch) with
+    ``run.hub_offline`` set ``HF_HUB_OFFLINE=1`` for itself and its children, so nothing reaches
+    for the Hub (``deepscaler/prefetch.py``), and the log level (``log.level``)."""
+    os.umask(run_umask(umask_bits(cfg.run.umask), current_umask()))
     # Our loggers only (deepscaler.*): debug from torch, DeepSpeed or urllib3 would drown them.
     logging.getLogger("deepscaler").setLevel(cfg.log.level.upper())
     if job and cfg.run.hub_offline:

@@ -9,6 +9,7 @@ display and ``python -m deepscaler.status`` show those rows.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from typing import Iterable
@@ -35,27 +36,43 @@ COLUMNS = (  # (title, key, format)
 TRAINER_KEYS = ("pg_loss", "kl", "entropy", "grad_norm", "tokens_per_s", "mismatch_kl", "first_update_clip_fraction")
 
 
-def step_rows(records: Iterable[dict]) -> list[dict]:
-    """{step, orchestrator fields..., trainer fields...} per rollout step, oldest first.
+def number(value: object) -> int | float | None:
+    """``value`` when it is a number (not a bool), else None.
 
-    A restarted run writes some steps twice; the newest record of each step wins. The step
-    time is the slower of the two sides (they overlap when sampling runs ahead)."""
+    Why: metrics.jsonl is a plain file that a user's tool or a crashed writer may have put a
+    null or a string into; every reader shows such a value as '-' instead of raising."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def step_rows(records: Iterable[dict]) -> list[dict]:
+    """{step, orchestrator numbers..., trainer numbers...} per rollout step, oldest first.
+
+    A restarted run writes some steps twice; the newest record of each step wins. Only numbers
+    are taken (a null or a string is left out, so it shows as '-'); ``sample_s`` / ``train_s``
+    are present once that side's record of the step is (None when its time is unreadable). The
+    step time is the slower of the two sides (they overlap when sampling runs ahead)."""
     rows: dict[int, dict] = {}
     for r in records:
-        if "event" in r or not isinstance(r.get("step"), int):
+        step = r.get("step")
+        if "event" in r or not isinstance(step, int) or isinstance(step, bool):
             continue
         if r.get("source") == "orchestrator":
-            rows.setdefault(r["step"], {"step": r["step"]}).update(
-                {k: v for k, v in r.items() if k not in ("source", "time_step_s")}, sample_s=r.get("time_step_s"))
+            values = {k: v for k, v in r.items() if k not in ("source", "time_step_s") and number(v) is not None}
+            row = rows.setdefault(step, {"step": step})
+            row.update(values, sample_s=number(r.get("time_step_s")))
         elif r.get("source") == "trainer":
-            step = r["step"] - 1  # trained on the rollouts of step N, published weights N+1
-            rows.setdefault(step, {"step": step}).update(
-                {k: r[k] for k in TRAINER_KEYS if k in r},
-                train_s=r.get("time_step_s"))
+            step -= 1  # trained on the rollouts of step N, published weights N+1
+            values = {k: r[k] for k in TRAINER_KEYS if number(r.get(k)) is not None}
+            rows.setdefault(step, {"step": step}).update(values, train_s=number(r.get("time_step_s")))
     for row in rows.values():
-        times = [t for t in (row.get("sample_s"), row.get("train_s")) if t is not None]
+        times = [t for t in (row.get("sample_s"), row.get("train_s")) if t is not None and math.isfinite(t)]
         row["time_step_s"] = max(times) if times else None
     return [rows[k] for k in sorted(rows)]
+
+
+def sampled_rows(records: Iterable[dict]) -> list[dict]:
+    """The :func:`step_rows` whose rollouts were recorded: the steps a stage has done."""
+    return [r for r in step_rows(records) if "sample_s" in r]
 
 
 def cell(row: dict, key: str, fmt: str) -> str:
@@ -155,6 +172,6 @@ class Display:
             self.live.update(table(rows, self.title, last=20))
             return
         for row in rows:  # a row is finished once its update has been trained
-            if row["step"] not in self.printed and "pg_loss" in row:
+            if row["step"] not in self.printed and "train_s" in row:
                 print(line(row), file=self.stream, flush=True)
                 self.printed.add(row["step"])

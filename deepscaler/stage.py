@@ -18,6 +18,20 @@ log = logging.getLogger("deepscaler.stage")
 TRAINER_STATE = "trainer_state.json"  # written into checkpoints/step_N by trainer.checkpoint
 
 
+def parse_resume_step(resume: str | None) -> int | str | None:
+    """``--resume-step`` as written -> None, ``"latest"`` or a step number (0 or more).
+
+    Why apart from :func:`resolve_resume`: submit checks the syntax before anything else, also
+    for ``--dry-run``; only ASCII digits count (``int()`` would take ``-1``, ``+2``, ``1_0``).
+    """
+    if resume is None or resume == "latest":
+        return resume
+    text = str(resume).strip()
+    if not (text.isascii() and text.isdigit()):
+        raise ConfigError(f"--resume-step '{resume}': expected a step number (0 or more) or 'latest'")
+    return int(text)
+
+
 def resolve_resume(store: RunStore, resume: str | None, checksums: bool = False) -> int | None:
     """``--resume-step N|latest`` -> a stable checkpoint step, or None for a fresh start.
 
@@ -26,6 +40,7 @@ def resolve_resume(store: RunStore, resume: str | None, checksums: bool = False)
     also reads every file of a candidate against its recorded CRC32 (the supervisor's one
     decision, ``deepscaler.launch.restart_point``; seconds for a 7 GB checkpoint).
     """
+    resume = parse_resume_step(resume)
     steps = store.stable_steps("checkpoints")
     if resume is None:
         if steps:
@@ -43,10 +58,7 @@ def resolve_resume(store: RunStore, resume: str | None, checksums: bool = False)
             except StepCorrupt as e:
                 log.warning("skipping a damaged checkpoint: %s", e)
         return None
-    try:
-        step = int(resume)
-    except ValueError:
-        raise ConfigError(f"--resume-step '{resume}': expected a step number or 'latest'") from None
+    step = resume
     if step not in steps:
         have = ", ".join(map(str, steps)) or "none"
         raise ConfigError(f"--resume-step {step}: no stable checkpoint {store.step_path('checkpoints', step)} "

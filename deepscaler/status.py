@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from deepscaler.progress import step_rows
+from deepscaler.progress import sampled_rows
 from deepscaler.store import RunStore
 
 JOB_FIELDS = ("JobID", "JobName", "State", "Elapsed", "NNodes", "NodeList")
@@ -69,19 +69,20 @@ def stage_summary(store: RunStore) -> dict:
     """Progress of one stage: steps done, latest figures, the newest weights, an ETA."""
     from deepscaler.config import load_config
 
-    rows = [r for r in step_rows(store.read_metrics().records) if "reward_mean" in r]
+    rows = sampled_rows(store.read_metrics().records)  # numbers only: a null shows as '-'
     try:
         max_steps = load_config(store.run_yaml).run.max_steps
     except Exception:  # a status view must not fail on one bad stage
         max_steps = None
     recent = rows[-10:]
+    rewards = [r["reward_mean"] for r in recent if "reward_mean" in r]
     times = [r["time_step_s"] for r in recent if r.get("time_step_s")]
     done = len(rows)
     eta = (max_steps - done) * sum(times) / len(times) if max_steps and times and done < max_steps else None
     last = rows[-1] if rows else {}
     return {
         "stage": store.stage, "steps": done, "max_steps": max_steps,
-        "reward": sum(r["reward_mean"] for r in recent) / len(recent) if recent else None,
+        "reward": sum(rewards) / len(rewards) if rewards else None,
         "length": last.get("response_length_mean"), "truncation": last.get("truncation_rate"),
         "mismatch_kl": last.get("mismatch_kl"),
         "weights": store.latest_stable("weights"), "checkpoint": store.latest_stable("checkpoints"), "eta_s": eta,

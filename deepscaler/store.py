@@ -6,7 +6,8 @@ write/read rule here means a layout change is one edit, and the crash-safety rul
 (write to a temp dir, fsync, rename, then mark STABLE) cannot be forgotten by a caller::
 
     <output_dir>/<run>/stage<K>/
-      run.yaml                    resolved config, written once at submit
+      run.yaml                    resolved config of the latest submit or attempt
+      run-history/<time>.yaml     every earlier run.yaml, named by when it was written
       rollouts/step_N/            orchestrator -> trainer
       weights/step_N/             trainer -> inference / eval (HF folder + probe.json)
       checkpoints/step_N/         full resumable state
@@ -19,7 +20,8 @@ write/read rule here means a layout change is one edit, and the crash-safety rul
 Step directories (rollouts, weights, checkpoints) become visible only when complete: a
 writer fills ``step_N.tmp-<uuid>``, fsyncs it, renames it to ``step_N`` and then writes
 ``step_N/STABLE``. Readers ignore anything without the marker. The marker holds a small
-JSON manifest (file sizes) so a reader can also detect a partially copied directory.
+JSON manifest (file sizes and CRC32s) so a reader can also detect a partially copied directory
+or a damaged file (:meth:`RunStore.verify_step`).
 
 Each step kind has exactly ONE writer process (orchestrator for rollouts, trainer for
 weights and checkpoints); only that writer may call :meth:`RunStore.write_step`,
@@ -37,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -47,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 from deepscaler.errors import one_line
+from deepscaler.process import current_umask
 
 STABLE = "STABLE"
 BASE_EVAL = "base"  # evals/base/: the base model (model.name), which is no weights step
@@ -90,6 +94,10 @@ class DiskFull(StoreError, OSError):
     """No space (or quota) left while writing a step; nothing half-written remains."""
 
 
+class NotWritable(StoreError, OSError):
+    """A folder of the run turned read-only (or not ours) while writing; ``errno`` is the cause's."""
+
+
 class CorruptFileError(StoreError, ValueError):
     """A safetensors/JSON file that cannot be parsed (truncated, garbage)."""
 
@@ -130,13 +138,59 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def _remove(path: Path) -> None:
-    """Remove a file or directory tree; failures are left for a later clean_partial."""
+def remove_tree(path: Path) -> None:
+    """Remove a file, a directory tree or a symlink, never what a symlink points to: a link
+    planted in the run dir by someone who can write there must not make us delete outside it
+    (docs/security.md). rmtree itself unlinks the links inside a tree without following them.
+    Failures are left for a later clean_partial."""
+    path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+_remove = remove_tree
+
+
+def refuse_link(path: Path, action: str = "delete") -> Path:
+    """``path`` itself, unless it is a symlink: a step or kind folder that points elsewhere is
+    refused (one line) before anything in it is deleted."""
+    if Path(path).is_symlink():
+        raise StoreError(f"refusing to {action} {path}: it is a symlink (to {os.readlink(path)}); "
+                         "the run's folders must be real folders (docs/security.md)")
+    return Path(path)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder that only its owner can enter (0700), whatever the umask: for what is
+    executable or secret, such as submitit's job pickles, which submitit unpickles when the job
+    starts and on every requeue (a group member who could replace one would run code as the
+    run's owner). Made if missing; a folder of ours left open by an older version is closed; a
+    symlink, or a folder of another user, is refused (StoreError, one line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    if path.is_symlink():
+        raise StoreError(f"refusing {path} as a private folder: it is a symlink (to {os.readlink(path)}); it must be "
+                         "a real folder of this user (docs/security.md)")
+    try:  # O_NOFOLLOW: the folder itself, never a link's target (a link could appear after the check)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise StoreError(f"refusing {path} as a private folder: {e.strerror.lower()}; it must be a real folder "
+                         "of this user (docs/security.md)") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise StoreError(f"refusing {path} as a private folder: it belongs to uid {st.st_uid}, not to this user "
+                             f"(uid {os.geteuid()}); remove it (docs/security.md)")
+        if st.st_mode & 0o7777 != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return path
 
 
 def _is_disk_full(err: BaseException) -> bool:
@@ -152,6 +206,19 @@ def _disk_full(err: OSError, path: Path) -> "StoreError":
         free = "free space unknown"
     return DiskFull(f"{path}: {os.strerror(err.errno).lower()} while writing ({free}); "
                     f"the previous stable step is intact")
+
+
+def _is_not_writable(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _not_writable(err: OSError, path: Path, what: str | None = None) -> "StoreError":
+    """A folder that turned read-only (a remount, a quota freeze, a chmod by another user) while
+    writing ``path`` in it: one line naming the folder. Nothing already written is touched."""
+    what = what or f"the previous version of {path.name} is intact"
+    e = NotWritable(f"{path.parent}: {os.strerror(err.errno).lower()} while writing {path.name}; {what}")
+    e.errno = err.errno  # so that write_step, around an atomic_file, names its step instead
+    return e
 
 
 def _crc32(path: Path) -> int:
@@ -176,18 +243,30 @@ def _fmt_steps(steps: list[int], limit: int = 8) -> str:
     return "[" + ", ".join(map(str, head)) + ", ..., " + ", ".join(map(str, tail)) + f"] ({len(steps)} steps)"
 
 
-def current_umask() -> int:
-    """The process's umask, read without changing it where Linux allows (/proc), else swapped."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _check_private(st: os.stat_result, path: object, what: str, others: int) -> None:
+    """StoreError unless ``st`` is this user's and has none of the ``others`` mode bits: a file
+    the run trusts (a server's address) that a group member could have written or planted."""
+    if st.st_uid != os.geteuid() or st.st_mode & others or not stat.S_ISREG(st.st_mode):
+        who = "writable by group or others" if st.st_uid == os.geteuid() else f"owned by uid {st.st_uid}"
+        raise StoreError(f"refusing {what} {path}: {who} (mode {st.st_mode & 0o7777:04o}); only this user "
+                         f"(uid {os.geteuid()}) may write it. Remove it if it is not the run's own")
+
+
+def _own_folder(path: Path, create: bool = True) -> None:
+    """Make ``path`` (servers/) a folder that no group member can write when it is ours (a
+    umask of 0002 makes folders group-writable); StoreError if it is a symlink or anyone may
+    write it. A group member's folder is accepted (they may evaluate a run of the group's):
+    what guards the files in it is :func:`_check_private` on each one.
+    FileNotFoundError if it is missing and not ``create``."""
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"refusing {path}: not a folder (a symlink?)")
+    if st.st_uid == os.geteuid() and st.st_mode & 0o022:
+        os.chmod(path, st.st_mode & 0o7755)
+    elif st.st_mode & 0o002:
+        raise StoreError(f"refusing {path}: anyone may write it (mode {st.st_mode & 0o7777:04o})")
 
 
 def _check_step(step: int) -> int:
@@ -231,7 +310,8 @@ def dumps_json(obj: Any, *, indent: int | None = None) -> str:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp sibling of ``path`` for the body to write; then fsync it and rename it over
     ``path``, so readers see the old file or the new one, never a prefix. If the body fails
-    the temp file goes and ``path`` is untouched; a full disk is DiskFull naming ``path``.
+    the temp file goes and ``path`` is untouched; a full disk is DiskFull naming ``path``, a
+    folder that turned read-only NotWritable naming it.
     (``deepscaler.safetensors_io.save_tensors`` writes its files through this.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,9 +321,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder keeps it: nobody reads temp names
+            tmp.unlink(missing_ok=True)
         if _is_disk_full(err):
             raise _disk_full(err, path) from None
+        if _is_not_writable(err) and not isinstance(err, NotWritable):
+            raise _not_writable(err, path) from None
         raise
     _fsync_dir(path.parent)
 
@@ -374,6 +457,11 @@ class RunStore:
         return self.root / "run.yaml"
 
     @property
+    def run_history_dir(self) -> Path:
+        """Earlier ``run.yaml`` versions of the stage, one file each (``deepscaler.launch.write_run_yaml``)."""
+        return self.root / "run-history"
+
+    @property
     def rollouts_dir(self) -> Path:
         return self.root / "rollouts"
 
@@ -419,9 +507,9 @@ class RunStore:
         return self.kind_dir(kind) / f"step_{_check_step(step)}"
 
     def ensure_dirs(self) -> None:
-        for d in (self.rollouts_dir, self.weights_dir, self.checkpoints_dir, self.evals_dir,
-                  self.logs_dir, self.servers_dir):
+        for d in (self.rollouts_dir, self.weights_dir, self.checkpoints_dir, self.evals_dir, self.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
+        _own_folder(self.servers_dir)  # not group-writable: clients trust what is in it
 
     # ---------------------------------------------------------------- readers
 
@@ -463,10 +551,16 @@ class RunStore:
 
     def verify_step(self, kind: str, step: int, checksums: bool = False) -> dict:
         """Check a stable step against its manifest (catches partial copies), and with
-        ``checksums`` the CRC32 of each file where the manifest has one (checkpoints: catches a
-        damaged file of the right size); returns the manifest."""
+        ``checksums`` the CRC32 of each file where the manifest has one (every kind since
+        checksums are recorded for all: catches a damaged file of the right size); returns the
+        manifest. A garbled manifest is a damaged step too (StepCorrupt, one line)."""
         path = self.step_dir(kind, step)
-        manifest = self.read_manifest(kind, step)
+        try:
+            manifest = self.read_manifest(kind, step)
+        except CorruptFileError as e:
+            raise StepCorrupt(str(e)) from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+            raise StepCorrupt(f"{path / STABLE}: not a step manifest (no files mapping)")
         crcs = manifest.get("crc32", {}) if checksums else {}
         problems = []
         for rel, size in manifest.get("files", {}).items():
@@ -519,19 +613,28 @@ class RunStore:
     # ---------------------------------------------------------------- writers
 
     @contextlib.contextmanager
-    def write_step(self, kind: str, step: int) -> Iterator[Path]:
+    def write_step(self, kind: str, step: int, checksums: Mapping[str, int] | None = None) -> Iterator[Path]:
         """Fill the yielded temp dir; on clean exit it becomes ``step_N`` with a STABLE marker.
 
         If the body raises, the temp dir is removed and no ``step_N`` appears. Publishing over a
         STABLE step is refused (written steps are immutable; a reader may be loading it). An
-        unmarked ``step_N`` (crash between rename and marker) is replaced.
+        unmarked ``step_N`` (crash between rename and marker) is replaced. The marker's manifest
+        records each file's size and CRC32, which every reader of a restart or an eval checks
+        (:meth:`verify_step`). ``checksums``: {relative path: CRC32} that the body filled while
+        streaming files out (``deepscaler.safetensors_io``), so the largest files are not read
+        back; the store computes the others. A folder that turns read-only is NotWritable.
         """
         final = self.step_path(kind, step)
         if (final / STABLE).is_file():
             raise StepExists(f"refusing to write {final}: it is already STABLE (written steps are immutable)")
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-        tmp.mkdir()
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as err:
+            if _is_not_writable(err):
+                raise _not_writable(err, final, "the previous stable step is intact") from None
+            raise
         try:
             yield tmp
             if (tmp / STABLE).exists():
@@ -541,6 +644,10 @@ class RunStore:
                 for name in names:
                     p = Path(dirpath, name)
                     files[p.relative_to(tmp).as_posix()] = p.stat().st_size
+            known = dict(checksums or {})
+            if set(known) - set(files):
+                raise ValueError(f"{tmp}: checksums given for files the step does not have: "
+                                 f"{sorted(set(known) - set(files))[:3]}")
             _fsync_tree(tmp)
             if (final / STABLE).is_file():  # re-check: the body may have run for a long time
                 raise StepExists(f"refusing to write {final}: it became STABLE while writing")
@@ -550,15 +657,20 @@ class RunStore:
                 _remove(trash)
             os.rename(tmp, final)
         except BaseException as err:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a read-only folder keeps it for clean_partial
             if _is_disk_full(err):
                 raise _disk_full(err, final) from None
+            if _is_not_writable(err):
+                raise _not_writable(err, final, "the previous stable step is intact") from None
             raise
         _fsync_dir(final.parent)
         manifest = {"kind": kind, "step": step, "created_unix": time.time(), "files": dict(sorted(files.items()))}
-        if kind == "checkpoints":  # what a restart resumes from is checked to the byte (verify_step)
-            manifest["crc32"] = {rel: _crc32(final / rel) for rel in manifest["files"]}
-        atomic_write_json(final / STABLE, manifest)
+        # What a restart or an eval reads is checked to the byte (verify_step), whatever its kind.
+        manifest["crc32"] = {rel: known[rel] if rel in known else _crc32(final / rel) for rel in manifest["files"]}
+        try:
+            atomic_write_json(final / STABLE, manifest)
+        except NotWritable as err:  # renamed but unmarked: readers ignore it, clean_partial removes it
+            raise _not_writable(err, final, "the previous stable step is intact") from None
         _fsync_dir(final.parent)
 
     def clean_partial(self, kind: str) -> list[Path]:
@@ -566,8 +678,9 @@ class RunStore:
 
         Only the single writer of ``kind`` may call this, before it starts writing: a temp dir
         of a live writer looks exactly like a stale one. Returns what was removed, for the log.
+        A planted link is removed itself (:func:`remove_tree`); a symlinked kind folder is refused.
         """
-        d = self.kind_dir(kind)
+        d = refuse_link(self.kind_dir(kind), "delete under")
         removed: list[Path] = []
         try:
             entries = list(os.scandir(d))
@@ -658,10 +771,12 @@ class RunStore:
         Each deletion first removes the STABLE marker (readers stop trusting the step), re-checks
         leases (restoring the marker if one appeared), then renames to a temp name and removes it,
         so no reader ever sees a half-deleted step as stable. keep_last must be >= 1: the newest
-        step is what every consumer resumes or reloads from.
+        step is what every consumer resumes or reloads from. A symlinked kind or step folder is
+        refused (StoreError) rather than followed.
         """
         if isinstance(keep_last, int) and not isinstance(keep_last, bool) and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 for apply_retention, got {keep_last}")
+        refuse_link(self.kind_dir(kind), "delete under")
         doomed = steps_to_delete(self.stable_steps(kind), keep_last, keep_every, protected)
         deleted: list[int] = []
         leased: list[int] = []
@@ -672,8 +787,10 @@ class RunStore:
     def _delete_step(self, kind: str, step: int, lease_ttl_s: float | None) -> bool:
         """Delete one stable step; False if a fresh lease protects it (``lease_ttl_s=None``:
         leases are ignored). The marker goes first, so readers stop trusting the step before
-        any file of it disappears; a lease that appears meanwhile restores the marker."""
-        path = self.step_path(kind, step)
+        any file of it disappears; a lease that appears meanwhile restores the marker. A
+        symlinked step is refused: its marker and files are someone else's."""
+        path = refuse_link(self.step_path(kind, step))
+        refuse_link(path.parent, "delete under")
         if lease_ttl_s is not None and self.fresh_leases(kind, step, lease_ttl_s):
             return False
         marker = path / STABLE
@@ -689,7 +806,7 @@ class RunStore:
         trash = path.with_name(f"{path.name}.tmp-del-{uuid.uuid4().hex[:12]}")
         os.rename(path, trash)
         _fsync_dir(path.parent)
-        shutil.rmtree(trash, ignore_errors=True)  # leftovers are removed by clean_partial
+        remove_tree(trash)  # leftovers are removed by clean_partial
         return True
 
     def delete_steps(self, kind: str, steps: Iterable[int]) -> list[int]:
@@ -699,6 +816,7 @@ class RunStore:
         to be recomputed) or drops consumed steps. Leases are ignored: a reader still loading
         such a step fails loudly, never half-way.
         """
+        refuse_link(self.kind_dir(kind), "delete under")
         doomed = sorted(set(steps) & set(self.stable_steps(kind)))
         for s in doomed:
             self._delete_step(kind, s, lease_ttl_s=None)
@@ -746,7 +864,7 @@ class RunStore:
                                  {"benchmarks": sorted(benchmarks), "created_unix": time.time()})
 
     def clear_eval_pending(self, step: int) -> None:
-        (self.eval_dir(step) / EVAL_PENDING).unlink(missing_ok=True)
+        (refuse_link(self.eval_dir(step), "delete under") / EVAL_PENDING).unlink(missing_ok=True)
 
     def pending_evals(self) -> list[int]:
         """Weights steps an eval sweep still has to evaluate: ``protected`` for retention."""
@@ -763,22 +881,40 @@ class RunStore:
         return self.servers_dir / f"{_safe_name(name, 'server name')}.addr"
 
     def write_server_address(self, name: str, host: str, port: int) -> Path:
-        """Announce a live inference server: one atomically written ``host:port`` file each."""
-        return atomic_write_text(self.server_file(name), f"{host}:{int(port)}\n")
+        """Announce a live inference server: one atomically written ``host:port`` file each,
+        0644 at most (a stricter umask takes more away), in a servers/ that only this user can write (readers refuse
+        anything else: :meth:`read_server_addresses`)."""
+        _own_folder(self.servers_dir)
+        with atomic_file(self.server_file(name)) as tmp:
+            tmp.write_text(f"{host}:{int(port)}\n", encoding="utf-8")
+            os.chmod(tmp, 0o644 & ~current_umask())  # never group-writable, never looser than the user's umask
+        return self.server_file(name)
 
     def remove_server_address(self, name: str) -> None:
         self.server_file(name).unlink(missing_ok=True)
 
     def read_server_addresses(self) -> dict[str, str]:
-        """{name: "host:port"} of announced servers (temp files ignored)."""
+        """{name: "host:port"} of announced servers (temp files ignored). The client sends the
+        run's token to these addresses, so a file that another user owns, or that others could
+        have written, is refused (StoreError naming it), as is a servers/ of another user."""
         out = {}
         try:
+            _own_folder(self.servers_dir, create=False)
             entries = sorted(os.scandir(self.servers_dir), key=lambda e: e.name)
         except FileNotFoundError:
             return out
         for e in entries:
             if e.name.endswith(".addr") and not e.name.startswith("."):
-                text = Path(e.path).read_text(encoding="utf-8").strip()
+                try:
+                    fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW)
+                except FileNotFoundError:  # removed since the scan: a server stopping
+                    continue
+                except OSError as err:
+                    raise StoreError(f"cannot read server address file {e.path} ({err.strerror}): "
+                                     "it must be a plain file") from None
+                with os.fdopen(fd, "rb") as f:
+                    _check_private(os.fstat(f.fileno()), e.path, "server address file", 0o022)
+                    text = f.read(4096).decode("utf-8", "replace").strip()
                 if text:
                     out[e.name[: -len(".addr")]] = text
         return out

@@ -26,18 +26,32 @@ from deepscaler.tracking import offline_note, require_package
 
 
 def parse_stages(args: argparse.Namespace) -> list[int]:
-    text = args.stages if args.stages is not None else str(args.stage)
-    try:
-        stages = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--stages '{text}': expected stage numbers such as 1,2,3") from None
-    if not stages or any(s < 1 for s in stages):
-        raise ConfigError(f"--stages '{text}': expected stage numbers such as 1,2,3")
+    """``--stage K`` or ``--stages A,B,...`` -> the stages to run, refused at once when the chain
+    cannot run: stage K's config starts from stage K-1's checkpoint (``checkpoint.init_from_stage``
+    in yaml/stage2.yaml, stage3.yaml), so a chain is consecutive and increasing (1,2,3; 2,3)."""
+    if args.stage is not None and args.stages is not None:
+        raise ConfigError(f"--stage {args.stage} and --stages '{args.stages}': give one of them, not both")
+    text = args.stages if args.stages is not None else str(1 if args.stage is None else args.stage)
+    expected = f"--stages '{text}': expected stage numbers such as 1,2,3"
+    parts = [s.strip() for s in text.split(",")]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise ConfigError(expected)
+    stages = [int(p) for p in parts]
+    if any(s < 1 for s in stages):
+        raise ConfigError(expected)
+    for before, stage in zip(stages, stages[1:]):
+        if stage != before + 1:
+            start = f"stage {stage - 1}" if stage > 1 else "the base model"
+            raise ConfigError(f"--stages '{text}': stage {stage} starts from {start}, not from stage {before}; "
+                              "chain consecutive stages in order, e.g. 1,2,3 or 2,3")
     return stages
 
 
 def resolve(args: argparse.Namespace) -> list[Config]:
     """One resolved config per stage, with the CLI flags applied as overrides."""
+    from deepscaler.stage import parse_resume_step
+
+    parse_resume_step(args.resume_step)  # a malformed --resume-step is refused even with --dry-run
     overrides = refuse_repeated_keys(args.overrides)
     if args.output_dir is not None:
         overrides.append(f"run.output_dir={args.output_dir}")
@@ -65,10 +79,10 @@ def describe(cfg: Config) -> str:
 
 def summary(store: RunStore) -> str:
     """What a finished stage leaves behind, for the end of the command's output."""
-    from deepscaler.progress import step_rows
+    from deepscaler.progress import cell, sampled_rows
 
-    rows = [r for r in step_rows(store.read_metrics().records) if "reward_mean" in r]
-    curve = " ".join(f"{r['reward_mean']:.2f}" for r in rows[-20:])
+    rows = sampled_rows(store.read_metrics().records)
+    curve = " ".join(cell(r, "reward_mean", "{:.2f}") for r in rows[-20:])  # '-' for a null
     weights, ckpt = store.latest_stable("weights"), store.latest_stable("checkpoints")
     lines = [
         f"stage {store.stage} of run '{store.run}' finished: {len(rows)} steps",
@@ -108,13 +122,15 @@ def plan_gpu_stages(configs: list[Config]) -> dict[int, dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deepscaler.submit", description=__doc__.split("\n\n")[0])
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--stage", type=int, default=1, help="the stage to run (default 1)")
-    which.add_argument("--stages", help="chain stages, e.g. 1,2,3")
+    # Not an argparse exclusive group: it misses "--stage 1 --stages 1,2" (1 is the default); parse_stages refuses both.
+    p.add_argument("--stage", type=int, help="the stage to run (default 1)")
+    p.add_argument("--stages", help="chain stages, e.g. 1,2,3 or 2,3 (consecutive: each starts from the one before)")
     p.add_argument("--preset", help="a preset applied on top of the stage file, e.g. tiny")
     p.add_argument("--output-dir", help="where runs are written (run.output_dir)")
     p.add_argument("--max-steps", type=int, help="steps to run in each stage (run.max_steps)")
     p.add_argument("--resume-step", help="resume from checkpoints/step_N, or 'latest'")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though recipe keys (sampling, optimizer, loss, data...) differ from run.yaml")
     p.add_argument("--executor", choices=("auto", "local", "slurm"), default="auto",
                    help="local: processes on this machine; slurm: a heterogeneous job (auto: slurm if sbatch is on PATH)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and the resolved config; run nothing")
@@ -171,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for cfg in configs:  # a stage that another run is running: refused before anything is written
         store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
-        other = live_holder(store)
+        other = live_holder(store, stale_s=cfg.run.lock_stale_s)
         if other is not None:
             print(f"error: {refusal(store, other)}", file=sys.stderr)
             return 2
@@ -179,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         from deepscaler.stage import resolve_resume
 
         resolve_resume(first, args.resume_step)
+        changed = []
+        if args.resume_step is not None and first.stable_steps("checkpoints"):  # a resume: its recipe must not drift
+            from deepscaler.resume_config import check_resume, listing
+
+            changed = check_resume(first, configs[0], args.resume_step, args.allow_config_change)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -206,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume_step == "latest" and not first.stable_steps("checkpoints"):
         print(f"notice: --resume-step latest: no checkpoint in {first.checkpoints_dir}; starting from step 0 "
               "(is run.output_dir or run.name mistyped?)", file=sys.stderr, flush=True)
+    if changed:
+        print(f"notice: resuming with a changed config: {listing(changed)} (the previous run.yaml is kept in "
+              f"{first.run_history_dir})", file=sys.stderr, flush=True)
     if executor == "slurm":
         from deepscaler.slurm.stage_job import submit_stages
 

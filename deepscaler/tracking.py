@@ -113,7 +113,7 @@ def point(record: dict) -> tuple[str, int, dict] | None:
     """(source, step on the shared axis, {source/key: number}) of a step record; None for events
     and other sources. Only finite numbers: W&B charts nothing else."""
     source, step = record.get("source"), record.get("step")
-    if source not in KEYS or "event" in record or not isinstance(step, int):
+    if source not in KEYS or "event" in record or not isinstance(step, int) or isinstance(step, bool):
         return None
     step = step - 1 if source == "trainer" else step
     values = {f"{source}/{k}": v for k, v in record.items()

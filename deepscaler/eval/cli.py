@@ -6,7 +6,7 @@
         [--include-base] [--max-parallel N] [--force] [--wait] [--dry-run]
     python -m deepscaler.eval report --output-dir DIR [--run NAME] [--stage K]
     python -m deepscaler.eval upload --output-dir DIR [--run NAME] [--stage K] --step N --repo-id ORG/NAME \\
-        [--private] [--dry-run]
+        [--public] [--dry-run]
 
 The command line only: ``run`` is one evaluation (``deepscaler/eval/run.py``), ``sweep`` one
 Slurm array over the steps (``deepscaler/eval/sweep.py``), ``report`` the table and the plot
@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(up)
     up.add_argument("--step", type=int, required=True, help="the weights step to upload")
     up.add_argument("--repo-id", required=True, help="the model repository, e.g. my-org/DeepScaleR-1.5B-repro")
-    up.add_argument("--private", action="store_true", help="create the repository private")
+    visibility = up.add_mutually_exclusive_group()
+    visibility.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    visibility.add_argument("--private", action="store_true",
+                            help="create the repository private: the default, still accepted for old scripts")
     up.add_argument("--dry-run", action="store_true", help="list the files and print the card; upload nothing")
     p.commands = {"run": r, "sweep": s, "report": rep, "upload": up}  # type: ignore[attr-defined]
     return p
@@ -124,9 +127,9 @@ def _upload(args: argparse.Namespace) -> int:
         check_repo_id(args.repo_id)
         store = resolve_run(args.output_dir, args.run, args.stage)
         if args.dry_run:
-            print(upload_plan(store, args.step, args.repo_id, args.private), end="")
+            print(upload_plan(store, args.step, args.repo_id, private=not args.public), end="")
             return 0
-        url = upload_step(store, args.step, args.repo_id, args.private)
+        url = upload_step(store, args.step, args.repo_id, private=not args.public)
         print(f"uploaded weights step {args.step} of run '{store.run}' stage {store.stage}: {url}")
         return 0
     except (ConfigError, StoreError, EvalError, UploadError) as e:

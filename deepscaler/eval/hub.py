@@ -1,10 +1,11 @@
 """A weights step as a Hugging Face model repository (``python -m deepscaler.eval upload``).
 
     python -m deepscaler.eval upload --output-dir DIR --run NAME --stage K --step N --repo-id ORG/NAME \\
-        [--private] [--dry-run]
+        [--public] [--dry-run]
 
-Uploads the step's Hugging Face folder (config, safetensors, tokenizer, generation config;
-not the project's own STABLE marker, leases or probe.json) plus a model card (README.md) holding
+Uploads the step's Hugging Face folder (config, safetensors, tokenizer, generation config:
+exactly the files its STABLE manifest lists, less the project's own probe.json; never a symlink)
+to a private repository unless ``--public`` is given, plus a model card (README.md) holding
 the eval table of that step beside the base model (``deepscaler/eval/report.py``) and the
 training recipe from ``run.yaml``. ``--dry-run`` lists the files and prints the card
 (:func:`upload_plan`); nothing is sent.
@@ -40,14 +41,31 @@ def check_repo_id(repo_id: str) -> None:
         raise UploadError(f"--repo-id '{repo_id}': expected owner/name, e.g. my-org/DeepScaleR-1.5B-repro")
 
 
+def _refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise UploadError(f"{path} is a symlink (to {os.readlink(path)}): an upload sends only the step's own files; "
+                          "refusing")
+
+
 def model_files(store: RunStore, step: int) -> list[tuple[str, Path]]:
-    """(path in the repository, local file) of a stable weights step, sorted."""
+    """(path in the repository, local file) of a stable weights step, sorted: the files its
+    STABLE manifest lists, which the trainer wrote, less the project's own. A file added to the
+    folder later is not sent, and a symlink (the step folder, or a listed file or folder on the
+    way to it) is refused, so an upload never carries a file from elsewhere (docs/security.md)."""
     folder = store.step_dir("weights", step)
+    _refuse_symlink(folder)
     files = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel not in PROJECT_FILES and not path.name.startswith((LEASE_PREFIX, ".")):
-            files.append((rel, path))
+    for rel in sorted(store.read_manifest("weights", step).get("files", {})):
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts:
+            raise UploadError(f"{folder / STABLE} lists {rel!r}, which is outside the step; refusing")
+        if rel in PROJECT_FILES or parts[-1].startswith((LEASE_PREFIX, ".")):
+            continue
+        for i in range(1, len(parts) + 1):
+            _refuse_symlink(folder.joinpath(*parts[:i]))
+        if not (folder / rel).is_file():
+            raise UploadError(f"{folder / rel} is listed in {STABLE} but missing: the step is incomplete")
+        files.append((rel, folder / rel))
     return files
 
 
@@ -118,7 +136,7 @@ def hub_token() -> str | None:
     return get_token()
 
 
-def upload_plan(store: RunStore, step: int, repo_id: str, private: bool) -> str:
+def upload_plan(store: RunStore, step: int, repo_id: str, private: bool = True) -> str:
     """What ``--dry-run`` prints: the files with their sizes, then the card."""
     files = model_files(store, step)
     lines = [f"# would upload {len(files) + 1} files to https://huggingface.co/{repo_id}"
@@ -128,8 +146,9 @@ def upload_plan(store: RunStore, step: int, repo_id: str, private: bool) -> str:
     return "\n".join(lines) + "\n" + model_card(store, step, repo_id)
 
 
-def upload_step(store: RunStore, step: int, repo_id: str, private: bool, api: Any = None) -> str:
-    """Create the repository (if needed) and commit the step's files and the card in one commit.
+def upload_step(store: RunStore, step: int, repo_id: str, private: bool = True, api: Any = None) -> str:
+    """Create the repository (if needed; private unless ``private`` is False) and commit the
+    step's files and the card in one commit. A repository that exists keeps its visibility.
 
     ``api``: a ``huggingface_hub.HfApi`` (the default, with the token of :func:`hub_token`);
     tests pass a fake with the same two methods. Returns the commit's URL."""

@@ -83,11 +83,17 @@ def eval_config(model: str, output_dir: str | os.PathLike | None, run: str | Non
     of a run named after it (``evals/base/``). ``--preset`` and ``key=value`` apply on top; the
     run's identity (output dir, name, stage) always stays.
     """
+    from deepscaler.data import is_hub_id
+    from deepscaler.weights_format import check_weights_step, newest_intact_weights  # torch: only when needed
+
     output_dir = Path(output_dir if output_dir is not None else "outputs")
     is_step = bool(_STEP_SPEC.match(model)) or model == "latest"
     path = None if is_step or model == "base" else model
     if path is not None and Path(path).expanduser().exists():
         path = str(Path(path).expanduser().resolve())
+    elif path is not None and not is_hub_id(path):  # a mistyped path or step: before anything is written
+        raise EvalError(f"--model {model}: no such model folder, and not a weights step (N or latest), base or a "
+                        f"Hub id (owner/name); {_what_exists(output_dir, run, stage)}")
     presets = [find_config(preset)] if preset else []
     model_name = path
     if is_step:
@@ -118,17 +124,49 @@ def eval_config(model: str, output_dir: str | os.PathLike | None, run: str | Non
     if model_name:
         cfg = replace(cfg, model=replace(cfg.model, name=model_name))
     if not has_run:  # so that report (and a later run) find this model's evals like a run's
+        from deepscaler.hf_loading import model_source
+
+        model_source(cfg)  # a Hub model not in the cache (CacheError) fails before the run folder exists
         atomic_write_text(store.run_yaml, to_yaml(cfg))
     if not is_step:
         return cfg, store, BASE_EVAL
     if model == "latest":
-        latest = store.latest_stable("weights")
+        latest = newest_intact_weights(store, _warn)
         if latest is None:
-            raise EvalError(f"{store.weights_dir}: no stable weights step to evaluate")
+            stable = store.stable_steps("weights")
+            raise EvalError(f"{store.weights_dir}: no stable weights step to evaluate"
+                            + (f" (none of {_steps_text(stable)} verifies)" if stable else ""))
         return cfg, store, latest
     step = int(model)
-    store.step_dir("weights", step)  # StepNotFound: one line, listing the stable steps
+    check_weights_step(store, step)  # StepNotFound lists the stable steps; StepCorrupt names the damaged file
     return cfg, store, step
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _steps_text(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    if len(steps) <= 8:
+        return "[" + ", ".join(map(str, steps)) + "]"
+    return f"[{steps[0]}, ..., {', '.join(map(str, steps[-5:]))}] ({len(steps)} steps)"
+
+
+def _what_exists(output_dir: Path, run: str | None, stage: int) -> str:
+    """The weights steps that can be evaluated, for an error about a model that cannot."""
+    runs = [run] if run is not None else find_runs(output_dir, stage)
+    found = []
+    for name in runs:
+        try:
+            store = RunStore(output_dir, name, stage)
+        except ValueError:
+            continue
+        if store.run_yaml.is_file():
+            found.append(f"stable weights steps of run '{name}' stage {stage}: "
+                         f"{_steps_text(store.stable_steps('weights'))}")
+    return "; ".join(found) or f"no run in {output_dir} (no <run>/stage{stage}/run.yaml)"
 
 
 def benchmark_config(cfg: Config, name: str) -> BenchmarkConfig:
@@ -232,8 +270,8 @@ def evaluate(cfg: Config, store: RunStore, what: int | str, benchmarks: list[str
         child = start(name, argv, store, env)
         stack.callback(stop, [child])
         try:
-            client = wait_for_servers(store, [name], cfg.inference.startup_timeout_s,
-                                      procs={name: child.proc}, token=token)[name]
+            client = wait_for_servers(store, [name], cfg.inference.startup_timeout_s, procs={name: child.proc},
+                                      token=token, liveness_timeout_s=cfg.inference.liveness_timeout_s)[name]
         except ServerError as e:
             raise EvalError(str(e)) from None
         client.timeout_s = REQUEST_TIMEOUT_S

@@ -36,7 +36,7 @@ from deepscaler.eval.run import (EvalError, EvalRequest, eval_config, is_evaluat
 from deepscaler.process import apply_process_settings
 from deepscaler.slurm.jobs import ended, wait_for_jobs
 from deepscaler.slurm.options import Request, submitit_parameters
-from deepscaler.store import BASE_EVAL, RunStore, StoreError
+from deepscaler.store import BASE_EVAL, RunStore, StoreError, private_dir
 
 # --------------------------------------------------------------------------- the sweep's plan
 
@@ -188,6 +188,7 @@ def submit(cfg: Config, store: RunStore, todo: list[int | str], benchmarks: list
     Returns (what was submitted, its submitit jobs in the same order)."""
     import submitit
 
+    private_dir(store.logs_dir / "slurm-eval")  # the tasks' pickles: owner-only (docs/security.md)
     steps = [w for w in todo if w != BASE_EVAL]
     marked = [s for s in steps if s not in store.pending_evals()]  # ours to remove if sbatch fails
     for step in steps:

@@ -18,14 +18,18 @@ generate never sees half-loaded weights. /health never waits. Send a step's prom
 /generate request: the backend batches inside a request, not across requests.
 
 The address is announced (``servers/<name>.addr``) only once the model is loaded, and removed
-on SIGTERM/SIGINT (exit 0). Every request needs ``Authorization: Bearer $DEEPSCALER_SERVER_TOKEN``
-when that variable is set. Logs go to stderr. What the backends share with the server (the
-request type, per-sample seeds, eos ids, the max model length) is in ``contract.py``.
+on SIGTERM/SIGINT (exit 0). Every request needs ``Authorization: Bearer $DEEPSCALER_SERVER_TOKEN``;
+a server without that variable refuses to start, unless ``--no-auth`` on a loopback address.
+``POST /hello {"nonce"}`` (no token needed) answers ``contract.hello_proof``: a client checks it
+before it sends the token to an address read from the shared filesystem. Logs go to stderr.
+What the backends share with the server (the request type, per-sample seeds, eos ids, the max
+model length) is in ``contract.py``.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -35,13 +39,16 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from deepscaler import faults
 from deepscaler.config import Config, ConfigError, load_config_args, parse_command_line, process_parser
 from deepscaler.errors import is_int, one_line
-from deepscaler.inference.contract import TOKEN_ENV, Backend, BackendDead, GenerateRequest, max_model_len, request_seed
+from deepscaler.handover import ATTEMPT_ENV, HEARTBEAT_S, Reporter
+from deepscaler.inference.contract import (TOKEN_ENV, Backend, BackendDead, GenerateRequest, hello_proof, max_model_len,
+                                           request_seed)
 from deepscaler.process import apply_process_settings, usable_cpus, visible_gpus
 from deepscaler.store import RunStore, StepNotFound, StoreError
 
@@ -50,9 +57,37 @@ log = logging.getLogger("deepscaler.inference")
 # weight_step values that are not a published step.
 BASE_STEP = -1  # started from the base model (model.name), not from weights/step_N
 UNKNOWN_STEP = -2  # an update failed part-way: the weights are unknown until the next update
-MAX_BODY_BYTES = 256 * 2**20  # 256 MiB: a step's prompts are a few MB of JSON
+MAX_BODY_BYTES = 256 * 2**20  # without a config (tests); a server's own limit is RequestLimits.max_body_bytes
 MAX_SAMPLES = 1024  # n per prompt
 STOP_GRACE_S = 10.0  # on SIGTERM, how long to wait for the request in flight
+MAX_PARSES = 4  # requests with a body in memory at once (a parsed body costs ~6x its size)
+HELLO_MAX_BYTES = 1024  # /hello is answered before the token is checked
+# An eval sends a whole benchmark in one request; the largest bundled one (olympiad_bench) has
+# 675 problems (tests/unit/test_security.py keeps every bundled benchmark within this).
+EVAL_MAX_PROMPTS = 1024
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of a server, from the config: never less than the orchestrator
+    (one step's prompts, even if they all went to one server) or an eval (a whole benchmark,
+    each benchmark's samples) sends, so a legitimate request is never refused."""
+
+    max_prompts: int
+    max_samples: int  # prompts x n
+    max_body_bytes: int
+
+    @classmethod
+    def of(cls, cfg: Config, model_len: int, vocab_size: int) -> "RequestLimits":
+        prompts = max(cfg.orchestrator.prompts_per_step, EVAL_MAX_PROMPTS)
+        eval_n = max((b.samples for b in cfg.eval.benchmarks.values()), default=1)
+        samples = max(cfg.orchestrator.prompts_per_step * cfg.sampling.samples_per_prompt, EVAL_MAX_PROMPTS * eval_n)
+        # JSON of the longest prompts: each id is at most len(str(vocab_size - 1)) digits plus ", ".
+        per_token = len(str(max(vocab_size - 1, 0))) + 2
+        return cls(prompts, samples, prompts * (model_len - 1) * per_token + 2**20)
+
+
+DEFAULT_LIMITS = RequestLimits(EVAL_MAX_PROMPTS, EVAL_MAX_PROMPTS * MAX_SAMPLES, MAX_BODY_BYTES)
 
 
 class RequestError(ValueError):
@@ -98,18 +133,25 @@ def _check_ids(ids: Any, field: str, max_model_len: int, vocab_size: int, min_le
     return ids
 
 
-def parse_generate(body: Any, max_model_len: int, vocab_size: int) -> GenerateRequest:
+def parse_generate(body: Any, max_model_len: int, vocab_size: int,
+                   limits: RequestLimits = DEFAULT_LIMITS) -> GenerateRequest:
     """Validate a /generate body; a RequestError names the first bad field or prompt index."""
     body = _check_keys(body, ("prompts", "n", "max_tokens", "temperature", "top_p"), ("seed",))
     prompts = body["prompts"]
     if not isinstance(prompts, list) or not prompts:
         raise RequestError("prompts must be a non-empty list of token-id lists")
+    if len(prompts) > limits.max_prompts:
+        raise RequestError(f"prompts has {len(prompts)} prompts; this server takes at most {limits.max_prompts} "
+                           "per request", 413)
     for i, p in enumerate(prompts):
         _check_ids(p, f"prompts[{i}]", max_model_len, vocab_size)
     n, max_tokens, temperature, top_p = body["n"], body["max_tokens"], body["temperature"], body["top_p"]
     seed = body.get("seed")
     if not is_int(n) or not 1 <= n <= MAX_SAMPLES:
         raise RequestError(f"n must be an integer in [1, {MAX_SAMPLES}], got {n!r}")
+    if len(prompts) * n > limits.max_samples:
+        raise RequestError(f"{len(prompts)} prompts x n {n} = {len(prompts) * n} samples; this server takes at most "
+                           f"{limits.max_samples} per request", 413)
     if not is_int(max_tokens) or max_tokens < 1:
         raise RequestError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
     if not _is_number(temperature) or temperature < 0:
@@ -153,12 +195,16 @@ def add_logprob_noise(results: list[list[dict]], std: float, seed: int) -> None:
 class InferenceServer:
     """The endpoints, independent of HTTP: each takes the parsed JSON body, returns a dict."""
 
-    def __init__(self, name: str, store: RunStore, backend: Backend, weight_step: int, model: str, dtype: str):
+    def __init__(self, name: str, store: RunStore, backend: Backend, weight_step: int, model: str, dtype: str,
+                 limits: RequestLimits = DEFAULT_LIMITS):
         self.name, self.store, self.backend = name, store, backend
         self.weight_step = weight_step
         self.model, self.dtype = model, dtype
+        self.limits = limits
         self.lock = threading.Lock()  # one backend operation at a time (drains for updates)
+        self.parses = threading.BoundedSemaphore(MAX_PARSES)
         self.token = os.environ.get(TOKEN_ENV) or None
+        self.address = ""  # host:port as announced (set once bound): /hello's proof names it
         self.dead = threading.Event()  # set when the engine died: main() stops with exit 1
 
     def authorized(self, header: str | None) -> bool:
@@ -166,15 +212,25 @@ class InferenceServer:
             return True
         return header is not None and hmac.compare_digest(header.encode(), f"Bearer {self.token}".encode())
 
+    def hello(self, body: Any) -> dict:
+        """Prove this server holds the token, for this address, without sending it."""
+        nonce = _check_keys(body, ("nonce",))["nonce"]
+        if not isinstance(nonce, str) or not 16 <= len(nonce) <= 128:
+            raise RequestError("nonce must be a string of 16-128 characters")
+        return {"proof": hello_proof(self.token, nonce, self.address) if self.token else None, "name": self.name}
+
     def health(self, _body: Any = None) -> dict:
         return {"status": "ok", "weight_step": self.weight_step, "backend": self.backend.name,
                 "model": self.model, "dtype": self.dtype, "name": self.name}
 
     def generate(self, body: Any) -> dict:
-        req = parse_generate(body, self.backend.max_model_len, self.backend.vocab_size)
+        req = parse_generate(body, self.backend.max_model_len, self.backend.vocab_size, self.limits)
         with self.lock:
             start = time.perf_counter()
             results = self.backend.generate(req)
+            slow = faults.armed("server.slow_generate")
+            if slow is not None:  # tests only: a long generation (minutes at 24k tokens), holding the lock
+                time.sleep(float(slow))
             step = self.weight_step
         seconds = time.perf_counter() - start
         noise = faults.armed("server.logprob_noise")
@@ -218,13 +274,19 @@ class InferenceServer:
 # --------------------------------------------------------------------------- HTTP
 
 
-ROUTES = {("GET", "/health"): "health", ("POST", "/generate"): "generate",
+ROUTES = {("GET", "/health"): "health", ("POST", "/generate"): "generate", ("POST", "/hello"): "hello",
           ("POST", "/probe"): "probe", ("POST", "/update_weights"): "update_weights"}
 
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "deepscaler-inference"
     protocol_version = "HTTP/1.1"  # keep-alive: the orchestrator reuses one connection
+
+    def setup(self) -> None:
+        # Anyone who reaches the port can open a connection before the token is checked: each
+        # read or write waits at most inference.socket_timeout_s (our clients send at once).
+        self.timeout = self.server.socket_timeout_s  # type: ignore[attr-defined]
+        super().setup()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._dispatch("GET")
@@ -236,7 +298,8 @@ class _Handler(BaseHTTPRequestHandler):
         app: InferenceServer = self.server.app  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0]
         try:
-            if not app.authorized(self.headers.get("Authorization")):
+            hello = (method, path) == ("POST", "/hello")
+            if not hello and not app.authorized(self.headers.get("Authorization")):
                 self.close_connection = True  # the body (if any) stays unread
                 raise RequestError(f"missing or wrong bearer token (set {TOKEN_ENV} for the client)", 401)
             route = ROUTES.get((method, path))
@@ -245,8 +308,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise RequestError(f"{method} {path}: {'wrong method' if known else 'no such endpoint'}",
                                    405 if known else 404)
-            body = self._read_json() if method == "POST" else None
-            result = getattr(app, route)(body)
+            if hello:  # small, and must not wait behind the requests in flight
+                result = app.hello(self._read_json(HELLO_MAX_BYTES))
+            elif method == "POST":
+                # At most MAX_PARSES bodies in memory, each from reading to the response; the
+                # backend lock then takes one request at a time.
+                with app.parses:
+                    result = getattr(app, route)(self._read_json(app.limits.max_body_bytes))
+            else:
+                result = getattr(app, route)(None)
         except RequestError as e:
             self._send(e.status, {"error": str(e)})
         except BackendDead as e:
@@ -259,19 +329,25 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(200, result)
 
-    def _read_json(self) -> Any:
+    def _read_json(self, limit: int) -> Any:
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             self.close_connection = True
             raise RequestError("a JSON body with a Content-Length header is required", 411)
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise RequestError(f"request body of {length} bytes is over the {MAX_BODY_BYTES} byte limit", 413)
+        if int(length) > limit:
+            self.close_connection = True  # refused before reading it
+            raise RequestError(f"request body of {length} bytes is over this server's {limit} byte limit "
+                               "(from its max model length and the batch a request may hold)", 413)
         raw = self.rfile.read(int(length))
+        if len(raw) < int(length):
+            self.close_connection = True
+            raise RequestError(f"the request body ended after {len(raw)} of {length} bytes")
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RequestError(f"the request body is not valid JSON ({one_line(e)})") from None
+        except RecursionError:
+            raise RequestError("the request body is nested too deeply") from None
 
     def _send(self, status: int, obj: dict) -> None:
         data = json.dumps(obj).encode()
@@ -294,23 +370,75 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a request in flight must not keep a stopping server alive
     allow_reuse_address = True
 
+    def __init__(self, address, handler, socket_timeout_s: float, max_connections: int):
+        super().__init__(address, handler)
+        self.socket_timeout_s = socket_timeout_s
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address) -> None:
+        """A thread per connection, up to ``max_connections`` (inference.max_connections: a
+        thread each, however slow their senders); beyond that 503 and close."""
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
 
 # --------------------------------------------------------------------------- start-up
 
 
 def resolve_start(store: RunStore, spec: str) -> int:
-    """``--weights-step N|latest|base`` -> a stable weights step, or BASE_STEP."""
+    """``--weights-step N|latest|base`` -> a stable weights step that verifies (sizes and
+    checksums: ``weights_format.check_weights_step``), or BASE_STEP. ``latest`` passes over a
+    damaged step with a warning; a damaged step N is a one-line StepCorrupt naming the file."""
+    from deepscaler.weights_format import check_weights_step, newest_intact_weights
+
     if spec == "base":
         return BASE_STEP
     if spec == "latest":
-        latest = store.latest_stable("weights")
+        latest = newest_intact_weights(store, log.warning)
         return BASE_STEP if latest is None else latest
     try:
         step = int(spec)
     except ValueError:
         raise ConfigError(f"--weights-step '{spec}': expected a step number, 'latest' or 'base'") from None
-    store.step_dir("weights", step)  # StepNotFound names the folder and lists the stable steps
+    check_weights_step(store, step)  # StepNotFound lists the stable steps; StepCorrupt names the damaged file
     return step
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def auth_refusal(has_token: bool, no_auth: bool, bind: str) -> str | None:
+    """Why a server must not start (None: it may). Anyone who reaches a node's ports could use
+    a server without a token, so only ``--no-auth`` on a loopback address goes without."""
+    if has_token:
+        return None
+    if not no_auth:
+        return (f"{TOKEN_ENV} is not set: the server will not serve without a token (the launchers set it; "
+                "by hand, set it, or pass --no-auth with --host 127.0.0.1)")
+    if not is_loopback(bind):
+        return f"--no-auth serves anyone who reaches {bind}: it is allowed on a loopback --host only (127.0.0.1)"
+    return None
 
 
 def default_host() -> str:
@@ -349,10 +477,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to bind and announce (default: 127.0.0.1, or this node's IP in Slurm)")
     parser.add_argument("--port", type=int, default=0, help="0: a free port (the default)")
     parser.add_argument("--weights-step", default="latest", help="N, latest (default) or base")
+    parser.add_argument("--no-auth", action="store_true",
+                        help=f"serve without {TOKEN_ENV} (by hand, on a loopback --host only)")
     args = parse_command_line(parser, argv)
     args.name = args.name.replace("{rank}", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
+    bind = args.host or default_host()
+    refusal = auth_refusal(bool(os.environ.get(TOKEN_ENV)), args.no_auth, bind)
+    if refusal:
+        log.error("error: %s", refusal)
+        return 2
     backend = None
     try:
         cfg = load_config_args(args.config, args.overrides)
@@ -360,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
         store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
         store.remove_server_address(args.name)  # a stale file of a killed predecessor misleads waiters
         step = resolve_start(store, args.weights_step)
+        # handover/<name>.json beats from here on (never closed: the process ends in os._exit), so
+        # that the orchestrator tells a frozen start-up from a slow one (wait_for_servers).
+        Reporter(store, args.name, step, heartbeat_s=min(HEARTBEAT_S, cfg.inference.liveness_timeout_s / 4),
+                 active=ATTEMPT_ENV in os.environ).__enter__()
         start = time.perf_counter()
         if step == BASE_STEP:
             from deepscaler.hf_loading import model_source
@@ -376,9 +515,10 @@ def main(argv: list[str] | None = None) -> int:
                 backend = make_backend(cfg, source, revision)
         log.info("engine ready in %.1f s (max model length %d; %d usable CPU(s), GPUs %s)", time.perf_counter() - start,
                  backend.max_model_len, usable_cpus(), visible_gpus())
-        app = InferenceServer(args.name, store, backend, step, source, cfg.model.dtype)
-        bind = args.host or default_host()
-        httpd = _HTTPServer((bind, args.port), _Handler)
+        limits = RequestLimits.of(cfg, backend.max_model_len, backend.vocab_size)
+        app = InferenceServer(args.name, store, backend, step, source, cfg.model.dtype, limits)
+        httpd = _HTTPServer((bind, args.port), _Handler, cfg.inference.socket_timeout_s,
+                            cfg.inference.max_connections)
     except (ConfigError, StoreError, RequestError, OSError, ValueError) as e:
         log.error("error: %s", one_line(e))
         if backend is not None:
@@ -395,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     httpd.app = app  # type: ignore[attr-defined]
     host = default_host() if bind in ("0.0.0.0", "") else bind
     port = httpd.server_address[1]
+    app.address = f"{host}:{port}"
     # Until here the default signal actions apply: a SIGTERM during a long engine start-up
     # ends the process at once (the vLLM engine process notices and follows).
     stop = threading.Event()

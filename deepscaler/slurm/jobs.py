@@ -21,6 +21,7 @@ import submitit
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 from deepscaler.slurm.options import Request, script, time_minutes
+from deepscaler.store import private_dir
 
 # sacct states, most telling first: a failed component fails the job, a running one keeps it alive.
 FAILED = ("NODE_FAIL", "OUT_OF_MEMORY", "FAILED", "TIMEOUT", "CANCELLED", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
@@ -88,6 +89,12 @@ class ScriptExecutor(submitit.SlurmExecutor):
 
     def _make_submission_file_text(self, command: str, uid: str) -> str:
         return self.render(command)
+
+    def _internal_process_submissions(self, delayed_submissions):
+        """submitit's submission, into a folder only the owner can enter: it holds the job's
+        pickle, which submitit unpickles at every start and requeue (store.private_dir)."""
+        private_dir(self.folder)
+        return super()._internal_process_submissions(delayed_submissions)
 
     def _num_tasks(self) -> int:
         return 1

@@ -13,10 +13,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SITE_KEYS = ("partition", "account", "qos", "constraint")
+# Config values that reach a batch script (ours or submitit's), as "section.key" of the config;
+# "[]" marks a list. A newline in any of them would end its #SBATCH line and start a shell line.
+SCRIPT_KEYS = ("run.output_dir", "run.name", "slurm.time", *(f"slurm.{k}" for k in SITE_KEYS), "slurm.extra_sbatch[]",
+               "slurm.setup[]", "slurm.inference.mem", "slurm.trainer.mem", "eval.resources.mem")
 
 
 def quote(value: object) -> str:
     return shlex.quote(str(value))
+
+
+def control_character_keys(cfg) -> list[str]:
+    """The SCRIPT_KEYS whose value holds a control character (a newline, a tab, ...): config
+    validation refuses them, since no Slurm value needs one (``slurm.setup`` lines are shell,
+    but one line each)."""
+    bad = []
+    for key in SCRIPT_KEYS:
+        value = cfg
+        for part in key.removesuffix("[]").split("."):
+            value = getattr(value, part)
+        values = value if key.endswith("[]") else [value]
+        if any(isinstance(v, str) and any(ord(c) < 32 or ord(c) == 127 for c in v) for v in values):
+            bad.append(key.removesuffix("[]"))
+    return bad
 
 
 @dataclass(frozen=True)
@@ -82,7 +101,7 @@ def request_lines(s, req: Request) -> list[str]:
     if req.gpus_per_node:
         lines.append(f"--gpus-per-node={req.gpus_per_node}")
     if req.mem:
-        lines.append(f"--mem={req.mem}")
+        lines.append(f"--mem={quote(req.mem)}")
     return lines + [f"--{key}={quote(value)}" for key, value in _site(s).items()]
 
 

@@ -30,10 +30,11 @@ from pathlib import Path
 import submitit
 
 from deepscaler.config import Config, ConfigError, load_config, server_names
+from deepscaler.inference.contract import TOKEN_ENV, TokenError, read_token, write_token
 from deepscaler.process import apply_process_settings
 from deepscaler.slurm.jobs import ScriptExecutor, first_node_address, runner_command, wait_for_jobs
 from deepscaler.slurm.options import Request, quote
-from deepscaler.store import RunStore
+from deepscaler.store import RunStore, StoreError, private_dir
 
 
 def job_name(cfg: Config) -> str:
@@ -188,7 +189,8 @@ class StageJob(submitit.helpers.Checkpointable):
         nodes = os.environ.get("SLURM_JOB_NODELIST_HET_GROUP_1") or os.environ.get("SLURM_JOB_NODELIST", "")
         job_id = os.environ.get("SLURM_JOB_ID", "0")
         env = {"MASTER_ADDR": first_node_address(nodes) if nodes else "127.0.0.1",
-               "MASTER_PORT": str(20000 + int(job_id) % 20000)}
+               "MASTER_PORT": str(20000 + int(job_id) % 20000),
+               TOKEN_ENV: read_token(RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage).root)}
         print(f"attempt {restarts + 1} of job {job_id}: resume {resume or 'no (fresh start)'}", flush=True)
         store = run_stage(cfg, resume, commands=job_commands, extra_env=env,
                           event={"slurm_job_id": job_id, "restart_count": restarts})
@@ -208,8 +210,11 @@ class ServersJob(submitit.helpers.Checkpointable):
         self.run_yaml = str(run_yaml)
 
     def __call__(self) -> int:
-        argv = job_steps(load_config(self.run_yaml), Path(self.run_yaml), None)["servers"]
-        return subprocess.run(argv, check=False).returncode
+        cfg = load_config(self.run_yaml)
+        argv = job_steps(cfg, Path(self.run_yaml), None)["servers"]
+        # The token the main job also reads (written at submit); in the environment only.
+        token = read_token(RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage).root)
+        return subprocess.run(argv, check=False, env={**os.environ, TOKEN_ENV: token}).returncode
 
 
 # --------------------------------------------------------------------------- the login node
@@ -249,7 +254,10 @@ def submit_stages(configs: list[Config], resume: str | None, wait: bool = False)
     try:
         for i, store in enumerate(stores):
             resolve_resume(store, resume if i == 0 else None)
-    except ConfigError as e:
+            private_dir(job_folder(configs[i]))  # submitit's pickles: owner-only (docs/security.md)
+        for store in stores:  # one token per stage and submit, for both of its jobs and their requeues
+            write_token(store.root)
+    except (ConfigError, TokenError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     jobs, main_jobs, dependency = [], [], None  # every job (to cancel on error); one main job per stage

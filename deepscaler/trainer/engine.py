@@ -182,6 +182,21 @@ def build_engine(model, tc: TrainerConfig, total_updates: int):
     return engine
 
 
+def apply_optimizer_config(engine, tc: TrainerConfig) -> None:
+    """Set the config's optimizer hyperparameters after an optimizer state was loaded from a
+    checkpoint. The state brings the moments and the schedule's position, but also the lr, betas,
+    eps and weight decay the checkpoint was trained with; run.yaml is what runs (a resume with
+    ``--allow-config-change trainer.optimizer.lr=...`` must train with the new lr). Values that
+    did not change are set to themselves, computed as the schedule does: a resume stays bit-exact."""
+    opt, sched = tc.optimizer, engine.lr_scheduler
+    groups = sched.optimizer.param_groups
+    sched.base_lrs = [opt.lr] * len(groups)
+    lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(groups, lrs):
+        group.update(lr=lr, initial_lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+    sched._last_lr = lrs  # what get_last_lr() reports until the next update
+
+
 def packed_log_probs(model, batch, temperature: float, *, entropy: bool, chunk_tokens: int = 2048):
     """Per-token log-probs of ``batch.targets`` (and entropies, if asked) for one packed row.
 

@@ -81,9 +81,10 @@ def publish_weights(
             probe = probe_logprobs(consumer, probe_ids)
         else:
             probe_future = pool.submit(probe_logprobs, consumer, probe_ids)
-        with store.write_step("weights", step) as tmp:
+        checksums: dict[str, int] = {}  # of the safetensors, as streamed: the store reads back only the small files
+        with store.write_step("weights", step, checksums=checksums) as tmp:
             write_safetensors_folder(tmp, tensors, max_shard_bytes=max_shard_bytes,
-                                     total_parameters=sum(t.numel() for t in tensors.values()))
+                                     total_parameters=sum(t.numel() for t in tensors.values()), checksums=checksums)
             _write_config(tmp, model, dtype)
             if getattr(model, "generation_config", None) is not None and _can_generate(model):
                 model.generation_config.save_pretrained(str(tmp))

@@ -25,14 +25,14 @@ from deepscaler.handover import Reporter, watch
 from deepscaler.hf_loading import load_causal_lm, load_tokenizer, model_source
 from deepscaler.process import apply_process_settings, one_thread_if_small, usable_cpus, visible_gpus
 from deepscaler.rollouts import mini_batches, read_rollout
-from deepscaler.run_lock import refuse_outsider
+from deepscaler.run_lock import LockLost, refuse_outsider, require_ownership
 from deepscaler.stage import first_step as stage_first_step
 from deepscaler.stage import previous_stage_checkpoint, resolve_resume
 from deepscaler.store import RunStore, StoreError
 from deepscaler.trainer import attention
 from deepscaler.trainer.checkpoint import load_checkpoint, load_model_weights, publish_state, save_checkpoint
-from deepscaler.trainer.engine import (all_reduce_sum, build_engine, close_distributed, init_distributed,
-                                       max_over_ranks, prepare, update, use_bf16)
+from deepscaler.trainer.engine import (all_reduce_sum, apply_optimizer_config, build_engine, close_distributed,
+                                       init_distributed, max_over_ranks, prepare, update, use_bf16)
 from deepscaler.trainer.packing import oversized, pack, plan_step
 from deepscaler.trainer.publisher import publish_weights
 from deepscaler.weights_format import as_dtype
@@ -57,7 +57,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     dist = init_distributed()
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
-    refuse_outsider(store)  # started by hand beside a running supervisor: refused before writing
+    refuse_outsider(store, cfg.run.lock_stale_s)  # started by hand beside a running run: refused before writing
     if dist.is_main:
         store.ensure_dirs()
         for path in store.clean_partial("checkpoints") + store.clean_partial("weights"):
@@ -75,9 +75,10 @@ def train(cfg: Config, resume: str | None = None) -> int:
         log.info("trainer: %d rank(s), rank 0 on %s, attention %s, %d usable CPU(s), GPUs %s", dist.world_size, device,
                  attn, usable_cpus(), visible_gpus())
     init_from = None
-    prev = previous_stage_checkpoint(cfg, store) if resume_step is None else None
+    prev = previous_stage_checkpoint(cfg, store)
     if prev is not None:
-        # Stage K+1 starts from stage K's newest checkpoint: no copying by hand.
+        # Stage K+1 starts from stage K's newest checkpoint: no copying by hand. A resume loads
+        # it too (its own checkpoint replaces the policy below): it is the stage's KL anchor.
         init_from = prev[0].step_dir("checkpoints", prev[1])
         load_model_weights(init_from, model)
         log.info("stage %d starts from %s", cfg.run.stage, init_from)
@@ -91,14 +92,17 @@ def train(cfg: Config, resume: str | None = None) -> int:
     # ------------------------------------------------------------------ where to start
     if resume_step is not None:
         state = load_checkpoint(store.step_dir("checkpoints", resume_step), engine, scheduler=engine.lr_scheduler)
+        apply_optimizer_config(engine, cfg.trainer)  # the checkpoint's lr is not run.yaml's after --allow-config-change
         step, first_step = state["step"], state["progress"]["stage_first_step"]
         log.info("resumed from %s", store.step_path("checkpoints", resume_step))
     else:
         if init_from is not None and cfg.checkpoint.load_optimizer:
             load_checkpoint(init_from, engine, scheduler=None, restore_rng=False)
+            apply_optimizer_config(engine, cfg.trainer)  # this stage's lr, not stage K's
         step = first_step = stage_first_step(cfg, store)
     # What was published after the start step belongs to an interrupted attempt: it is
     # recomputed below (bit-identically in deterministic mode) and must be republished.
+    stop_if_lock_lost(store, dist)
     if dist.is_main:
         for kind in ("weights", "checkpoints"):
             dropped = store.delete_steps(kind, [s for s in store.stable_steps(kind) if s > step])
@@ -148,9 +152,11 @@ def train(cfg: Config, resume: str | None = None) -> int:
             record = _step_metrics(stats, prepared, rollout, engine, cfg.trainer.ppo_epochs, t_wait, t_train, t_train)
             refuse_non_finite(record, step, store)  # before these weights reach a server or a checkpoint
 
+            stop_if_lock_lost(store, dist)
             publish(store, step, engine, tokenizer, dtype, dist)
             report.at(step + 1)
             if step % cfg.checkpoint.interval == 0 or step == last_step:
+                stop_if_lock_lost(store, dist)
                 save_checkpoint(store, step, engine, scheduler=engine.lr_scheduler,
                                 progress={"stage_first_step": first_step, "data": rollout.extra.get("progress")})
             if dist.is_main:
@@ -180,8 +186,22 @@ def refuse_non_finite(record: dict, step: int, store: RunStore) -> None:
         latest = store.latest_stable("checkpoints")
         raise TrainingDiverged(
             f"step {step}: {', '.join(f'{k} {v}' for k, v in bad.items())}: stopped before publishing these weights; "
-            f"resume with --resume-step {latest if latest is not None else 'latest'} and a lower "
-            "trainer.optimizer.lr, or check the rollouts of this step")
+            f"resume with --resume-step {latest if latest is not None else 'latest'} --allow-config-change and a "
+            "lower trainer.optimizer.lr, or check the rollouts of this step")
+
+
+def stop_if_lock_lost(store: RunStore, dist) -> None:
+    """Before each write: stop (LockLost, one line) if this run no longer holds the stage's lock
+    (removed by hand, or taken over), so it never writes beside the run that holds it now. Rank 0
+    reads the lock; every rank stops together."""
+    lost = None
+    if dist.is_main:
+        try:
+            require_ownership(store)
+        except LockLost as e:
+            lost = e
+    if all_reduce_sum([float(lost is not None)])[0]:
+        raise lost or LockLost(f"{store.root}: rank 0 found that this run no longer holds the stage's lock; stopped")
 
 
 def publish(store: RunStore, step: int, engine, tokenizer, dtype: str, dist) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,38 @@ def test_a_damaged_newest_checkpoint_restarts_both_sides_from_the_one_before(ref
     start = [r for r in store.read_metrics().records if r.get("source") == "trainer" and r.get("event") == "start"]
     assert start[-1]["resumed_from"] == 2 and store.is_stable("weights", 6)
     assert_same_weights(store, reference_stage, 4)
+
+
+def test_a_damaged_newest_weights_step_is_published_again_and_the_run_goes_on(reference_stage: RunStore,
+                                                                              tmp_path: Path) -> None:
+    """The weights the servers start from and the rollouts step the orchestrator reads its data
+    progress from lost bytes after the run ended. The resume discards them, says so, publishes
+    weights/step_4 again from checkpoint 4 (the same weights), samples on, and finishes; before,
+    the server failed deep in the safetensors loader, on every resume."""
+    shutil.copytree(reference_stage.output_dir, tmp_path, dirs_exist_ok=True)
+    store = RunStore(tmp_path, "tiny", 1)
+    assert store.stable_steps("weights") == [3, 4] and store.stable_steps("rollouts") == [2, 3]
+    os.truncate(store.step_path("weights", 4) / "model.safetensors", 3_000_000)
+    os.truncate(store.step_path("weights", 3) / "model.safetensors", 1000)  # the servers pass it over
+    os.truncate(store.step_path("rollouts", 3) / "rollout.safetensors", 1000)
+
+    resumed = subprocess.run(submit_argv(tmp_path, "--resume-step", "latest", "checkpoint.keep_last=5", steps=5),
+                             capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "weights/step_4: model.safetensors has 3000000 bytes" in resumed.stderr
+    assert "discarded weights [4] (the trainer publishes them again)" in resumed.stderr
+    assert "discarded rollouts [3] (the orchestrator samples them again)" in resumed.stderr
+    assert store.is_stable("weights", 5)
+    store.verify_step("weights", 4, checksums=True)
+    assert_same_weights(store, reference_stage, 4)
+
+
+def test_eval_of_a_damaged_step_is_one_line_naming_the_file(reference_stage: RunStore, tmp_path: Path) -> None:
+    shutil.copytree(reference_stage.output_dir, tmp_path, dirs_exist_ok=True)
+    store = RunStore(tmp_path, "tiny", 1)
+    os.truncate(store.step_path("weights", 4) / "model.safetensors", 3_000_000)
+    done = subprocess.run([sys.executable, "-m", "deepscaler.eval", "run", "--model", "4", "--output-dir",
+                           str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-3000:]
+    assert done.stderr.startswith(f"error: {store.step_path('weights', 4)}: model.safetensors has 3000000 bytes")
+    assert not store.eval_dir(4).exists()

@@ -7,14 +7,13 @@ needs root, which CI has (elsewhere the test skips, saying so)."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from deepscaler.store import DiskFull, RunStore
 from tests.integration.test_trainer import final_weights, make_run, run_trainer
-from tests.slurm_cluster import in_ci
+from tests.helpers.mounts import read_only, tmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +22,8 @@ pytestmark = pytest.mark.slow
 def small_fs(tmp_path: Path):
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160M", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if done.returncode != 0:
-        if in_ci():
-            pytest.fail(f"cannot mount a tmpfs under CI: {done.stderr.strip()}")
-        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
-    try:
+    with tmpfs(mnt, "160M"):
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill(fs: Path, leave_bytes: int) -> Path:
@@ -78,3 +70,18 @@ def test_trainer_stops_with_the_path_and_free_space_then_resumes(small_fs: Path)
     out = run_trainer(run_yaml, "--resume-step", "latest")
     assert out.returncode == 0, out.stderr[-2000:]
     assert store.is_stable("weights", 4) and final_weights(store, 4)
+
+
+def test_trainer_stops_with_one_line_when_a_folder_turns_read_only(tmp_path: Path) -> None:
+    """checkpoints/ remounted read-only (as a cluster filesystem can be) under a running trainer:
+    the weights it published stay, and it stops with the one-line error naming the folder."""
+
+    run_yaml, store = make_run(tmp_path, steps=2)
+    with read_only(store.checkpoints_dir):
+        out = run_trainer(run_yaml)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert last == (f"error: {store.checkpoints_dir}: read-only file system while writing step_2; "
+                    "the previous stable step is intact")
+    assert store.stable_steps("checkpoints") == [] and store.stable_steps("weights") == [0, 1, 2]
+    store.verify_step("weights", 2, checksums=True)

@@ -1,5 +1,7 @@
 """An inference server that stops answering without exiting (SIGSTOP): the orchestrator's
-request times out, the stage fails with the server's log tail, and nothing waits forever."""
+liveness check gives its request up after ``inference.liveness_timeout_s`` (not the hour of
+``orchestrator.request_timeout_s``), the stage fails with one line naming the server, and
+nothing waits forever; while a live server's long generation still runs to its end."""
 
 from __future__ import annotations
 
@@ -31,23 +33,48 @@ def pid_of(store: RunStore, name: str) -> int:
     raise AssertionError(f"no process of {name}")
 
 
-def test_a_hung_server_fails_the_stage_with_its_log_tail(tmp_path: Path) -> None:
-    store = RunStore(tmp_path, "tiny", 1)
-    launcher = subprocess.Popen(submit_argv(tmp_path, "orchestrator.request_timeout_s=6", steps=8),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+def kill_if_ours(store: RunStore, pid: int) -> None:
     try:
-        wait_until(lambda: store.is_stable("rollouts", 1), 300, "the first rollouts")
-        os.kill(pid_of(store, "server0"), signal.SIGSTOP)
-        hung_at = time.monotonic()
+        if str(store.run_yaml).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def test_a_frozen_server_fails_the_stage_with_one_line_naming_it(tmp_path: Path) -> None:
+    """Alive is not done: every generation takes 5 s longer (server.slow_generate) than the
+    3 s liveness bound, and the stage runs, since /health answers meanwhile. Frozen (SIGSTOP),
+    the server stops answering, and with request_timeout_s at its hour, only the liveness bound
+    can end the orchestrator's wait: the stage fails with one line naming the server."""
+    store = RunStore(tmp_path, "tiny", 1)
+    env = {**os.environ, "DEEPSCALER_FAULT": "server.slow_generate@5"}
+    launcher = subprocess.Popen(submit_argv(tmp_path, "inference.liveness_timeout_s=3", "data.max_problems=64", steps=8),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    server = None
+    try:
+        wait_until(lambda: store.is_stable("rollouts", 0), 300, "the first rollouts")
+        server = pid_of(store, "server0")
+        beat = handover.read(store, "server0")  # its heartbeat, for a wait on its start-up (tests/unit)
+        assert beat is not None and beat.pid == server and beat.attempt == handover.read(store, "orchestrator").attempt
+        os.kill(server, signal.SIGSTOP)
+        frozen_at = time.monotonic()
         out, err = launcher.communicate(timeout=180)
     finally:
         launcher.kill()
+        if server is not None:
+            kill_if_ours(store, server)  # if the test failed: a stopped process outlives SIGTERM
+    waited = time.monotonic() - frozen_at
+    sampled = [r["time_sample_s"] for r in store.read_metrics().records if "time_sample_s" in r]
+    assert sampled and min(sampled) >= 5  # longer than the liveness bound, and it succeeded
     assert launcher.returncode == 1
-    waited = time.monotonic() - hung_at
-    assert waited < 120, f"the stage took {waited:.0f}s to notice a hung server"
+    assert waited < 60, f"the stage took {waited:.0f}s to notice a frozen server"  # 3 s + the 15 s stop grace
     assert "orchestrator exited with code 2" in err
-    assert "server server0" in err and "timed out" in err
-    assert "server0.log ---" in err  # the server's log tail came with the error
+    line = (store.logs_dir / "orchestrator.log").read_text().splitlines()[-1]
+    assert re.fullmatch(r"error: server server0 \(127\.0\.0\.1:\d+\): (GET|POST) /\w+ abandoned after \d+ s: "
+                        r"no answer to GET /health for 3 s \(the server is stopped, hung, or its node lost; "
+                        r"inference\.liveness_timeout_s\)", line), line
+    assert line in err  # the launcher shows it, after the server's log tail
+    assert "server0.log ---" in err
     wait_until(lambda: not processes_using(store.run_yaml), 60, "every process of the stage to exit")
 
 

@@ -152,6 +152,7 @@ def test_requests_need_the_token(server):
     for token in (None, "wrong"):
         anonymous = InferenceClient("server0", server.address, timeout_s=10)
         anonymous.token = token  # None: no header, whatever the environment says
+        anonymous.verified = True  # skip the client's own check (/hello): the server's is tested
         with pytest.raises(ServerError, match=r"server server0 \(127\.0\.0\.1:\d+\): GET /health -> HTTP 401") as e:
             anonymous.health()
         assert e.value.status == 401
@@ -231,6 +232,7 @@ def test_an_unknown_weights_step_fails_at_start(run):
     store = run[1]
     out = subprocess.run([sys.executable, "-m", "deepscaler.inference", "--config", str(store.run_yaml),
                           "--name", "nostep", "--weights-step", "7"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                         capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "DEEPSCALER_SERVER_TOKEN": TOKEN})
     assert out.returncode == 2
     assert "weights/step_7 does not exist; stable weights steps: [0, 1, 2]" in out.stderr

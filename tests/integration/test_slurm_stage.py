@@ -3,6 +3,8 @@ per stage, chained stages, requeue at a time limit, scancel and resume, sbatch's
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from deepscaler.inference.contract import read_token, token_path
 from deepscaler.store import STABLE, RunStore
 from tests.slurm_cluster import slurm_env
 
@@ -32,9 +35,24 @@ def submit_argv(out: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "deepscaler.submit", "--preset", "tiny-random", "--output-dir", str(out), *args]
 
 
-def submit(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def submit(out: Path, *args: str, timeout: int = 600, umask: int | None = None) -> subprocess.CompletedProcess:
+    """``umask``: the one the submitting shell has (Slurm hands it on to the job)."""
     return subprocess.run(submit_argv(out, *args), capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env=slurm_env())
+                          env=slurm_env(), preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+
+
+def modes_beyond(root: Path, allowed: int) -> list[str]:
+    """Every file and folder under ``root`` (links aside) whose mode has a bit outside ``allowed``
+    for group and others: none may appear (docs/security.md), and submitit's folder is 0700."""
+    bad = []
+    for path in [root, *root.rglob("*")]:
+        mode = path.lstat().st_mode
+        if not stat.S_ISLNK(mode) and mode & 0o077 & ~allowed:
+            bad.append(f"{oct(mode & 0o777)} {path}")
+    slurm = root / "stage1" / "logs" / "slurm"
+    if slurm.lstat().st_mode & 0o777 != 0o700:
+        bad.append(f"{oct(slurm.lstat().st_mode & 0o777)} {slurm} (submitit's folder must be 0700)")
+    return bad
 
 
 def sacct(job_id: str) -> dict[str, str]:
@@ -83,9 +101,10 @@ def step_cpus(job_id: str) -> dict[str, int]:
 
 
 def test_a_stage_is_one_hetjob_with_two_components(slurm_cluster, tmp_path: Path) -> None:
-    # The reward pool sizes itself (workers 0) from the CPUs its step may use.
+    # The reward pool sizes itself (workers 0) from the CPUs its step may use. A user whose umask
+    # is 0077 keeps it: run.umask ("0027") never loosens it, on the login node nor in the job.
     done = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "2", "--wait",
-                  "orchestrator.reward.workers=0")
+                  "orchestrator.reward.workers=0", umask=0o077)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     store = RunStore(tmp_path, "tiny", 1)
     (job,) = submitted_jobs(store)
@@ -106,6 +125,9 @@ def test_a_stage_is_one_hetjob_with_two_components(slurm_cluster, tmp_path: Path
                             capture_output=True, text=True, cwd=REPO, env={**slurm_env(), "COLUMNS": "200"})
     assert status.returncode == 0, status.stderr
     assert job in status.stdout and "COMPLETED" in status.stdout and "2/2" in status.stdout
+    assert list((store.logs_dir / "slurm").glob("*_submitted.pkl"))  # submitit's folder was checked, and used
+    bad = modes_beyond(tmp_path / "tiny", allowed=0)
+    assert not bad, bad[:20]
 
 
 def step_gpus(log: str) -> set[str]:
@@ -121,7 +143,7 @@ def test_a_colocated_stage_is_one_job_on_one_node_with_disjoint_gpus(slurm_clust
     """One GPU for the server and one for the trainer, as stage 1's 4 + 4 on an 8-GPU node: one
     ordinary job, not a hetjob (whose components Slurm never puts on one node)."""
     done = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "2", "--wait", "slurm.colocate=true",
-                  "slurm.inference.gpus_per_node=1", "slurm.trainer.gpus_per_node=1")
+                  "slurm.inference.gpus_per_node=1", "slurm.trainer.gpus_per_node=1", umask=0o022)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     store = RunStore(tmp_path, "tiny", 1)
     (job,) = submitted_jobs(store)
@@ -133,6 +155,10 @@ def test_a_colocated_stage_is_one_job_on_one_node_with_disjoint_gpus(slurm_clust
     servers, trainer = (step_gpus((store.logs_dir / f"{name}.log").read_text()) for name in ("servers", "trainer"))
     assert len(servers) == len(trainer) == 1 and not servers & trainer, (servers, trainer)
     assert store.is_stable("weights", 2)
+    # A umask of 0022 with the default run.umask "0027": the group reads, nobody else, nobody writes.
+    bad = modes_beyond(tmp_path / "tiny", allowed=0o050)
+    assert not bad, bad[:20]
+    assert (store.root / "run.yaml").stat().st_mode & 0o777 == 0o640
 
 
 def test_chained_stages_wait_for_each_other_and_stage_2_starts_from_stage_1(slurm_cluster, tmp_path: Path) -> None:
@@ -213,6 +239,14 @@ def test_without_hetjobs_two_ordinary_jobs_run_the_stage(slurm_cluster, tmp_path
     assert sacct(main)[main] == "COMPLETED" and f"{main}+0" not in sacct(main)
     assert sacct(servers)[servers].startswith("CANCELLED")  # stopped by the main job once the stage is done
     assert store.is_stable("weights", 2)
+    # The servers' job got the stage's token from the owner-only file written at submit (as did
+    # the main job, whose orchestrator sampled from them); no script, pickle or log holds it.
+    token = read_token(store.root)
+    assert token_path(store.root).stat().st_mode & 0o777 == 0o600
+    assert "(auth on)" in (store.logs_dir / "slurm" / f"{servers}_0_log.err").read_text()
+    holders = [p for p in tmp_path.rglob("*") if p.is_file() and p != token_path(store.root)
+               and token.encode() in p.read_bytes()]
+    assert not holders, holders
 
 
 def test_unknown_partition_shows_sbatchs_own_error(slurm_cluster, tmp_path: Path) -> None:

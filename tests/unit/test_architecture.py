@@ -19,7 +19,7 @@ FORBIDDEN = [
 ]
 # Modules that may import only these modules of the package (an empty set: none).
 ONLY = {
-    "deepscaler.store": {"deepscaler.config", "deepscaler.errors"},
+    "deepscaler.store": {"deepscaler.config", "deepscaler.errors", "deepscaler.process"},
     "deepscaler.handover": {"deepscaler.store"},
     "deepscaler.trainer.loss": set(),
     "deepscaler.errors": set(),

@@ -29,7 +29,11 @@ CASES = [
     ("config", ["yaml/stage1.yaml", "trainer.optimizer.lr"], ["trainer.optimizer.lr", "expected key=value"]),
     ("config", ["yaml/stage1.yaml", "trainer.optimiser.lr=1"], ["trainer.optimiser", "did you mean"]),
     ("config", ["yaml/stage1.yaml", "trainer.optimizer.lr=fast"], ["trainer.optimizer.lr", "a number"]),
-    ("config", ["yaml/stage1.yaml", "trainer.optimizer.lr=0"], ["trainer.optimizer.lr", "positive"]),
+    ("config", ["yaml/stage1.yaml", "trainer.optimizer.lr=0"], ["trainer.optimizer.lr", "more than 0"]),
+    ("config", ["yaml/stage1.yaml", "trainer.optimizer.lr=inf"], ["trainer.optimizer.lr", "(inf)", "finite"]),
+    ("config", ["yaml/stage1.yaml", "trainer.optimizer.lr=nan"], ["trainer.optimizer.lr", "(nan)", "finite"]),
+    ("config", ["yaml/stage1.yaml", "trainer.ppo_epochs=0"], ["trainer.ppo_epochs", "(0)", "1 or more"]),
+    ("config", ["yaml/stage1.yaml", "inference.gpu_memory_utilization=1.5"], ["inference.gpu_memory_utilization"]),
     ("config", ["yaml/stage1.yaml", "sampling.top_p=1.5"], ["sampling.top_p"]),
     ("config", ["yaml/stage1.yaml", "trainer.loss.tis_cap=0.5"], ["trainer.loss.tis_cap"]),
     ("config", ["yaml/stage1.yaml", "trainer.loss.clip_ratio_c=1"], ["trainer.loss.clip_ratio_c"]),
@@ -46,6 +50,17 @@ CASES = [
     ("submit", ["--stages", "1,x", "--preset", "tiny-random"], ["--stages"]),
     ("submit", ["--stage", "1", "--preset", "nope"], ["nope", "no such config file"]),
     ("submit", ["--stage", "1", "--preset", "tiny-random", "--resume-step", "abc"], ["--resume-step", "abc"]),
+    ("submit", ["--stage", "1", "--preset", "tiny-random", "--resume-step", "-1"], ["--resume-step '-1'", "0 or more"]),
+    ("submit", ["--stage", "1", "--preset", "tiny-random", "--resume-step=-1", "--dry-run"], ["--resume-step '-1'"]),
+    ("submit", ["--stage", "1", "--preset", "tiny-random", "--resume-step", "1e3", "--dry-run"], ["--resume-step '1e3'"]),
+    ("submit", ["--stages", "1,3", "--preset", "tiny-random", "--dry-run"], ["--stages '1,3'", "stage 3 starts from stage 2"]),
+    ("submit", ["--stages", "2,1", "--preset", "tiny-random", "--dry-run"], ["--stages '2,1'", "stage 1 starts from the base model"]),
+    ("submit", ["--stages", "1,1", "--preset", "tiny-random", "--dry-run"], ["--stages '1,1'", "stage 1 starts from the base model"]),
+    ("submit", ["--stages", "1,2,2", "--preset", "tiny-random", "--dry-run"], ["--stages '1,2,2'", "from stage 1"]),
+    ("submit", ["--stages", "1,,2", "--preset", "tiny-random", "--dry-run"], ["--stages '1,,2'"]),
+    ("submit", ["--stages", "4", "--preset", "tiny-random"], ["stage4", "no such config file"]),
+    ("submit", ["--stage", "1", "--stages", "1,2", "--preset", "tiny-random", "--dry-run"], ["--stage", "--stages", "not both"]),
+    ("submit", ["--stages", "1,2", "--stage", "2", "--preset", "tiny-random", "--dry-run"], ["--stage", "--stages", "not both"]),
     ("submit", ["--stage", "1", "--preset", "tiny-random", "--executor", "local", "--output-dir", "{a_file}"],
      ["run.output_dir", "is a file"]),
     ("plan", ["--stage", "1", "trainer.micro_batch_tokens=0"], ["trainer.micro_batch_tokens"]),
@@ -94,6 +109,27 @@ def test_no_traceback_reaches_the_terminal(argv, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, stages", [
+    ([], [1]), (["--stage", "2"], [2]), (["--stage", "3"], [3]), (["--stages", "1"], [1]), (["--stages", "1,2"], [1, 2]),
+    (["--stages", "1,2,3"], [1, 2, 3]), (["--stages", "2,3"], [2, 3]), (["--stages", "2"], [2]), (["--stages", "3"], [3]),
+    (["--stages", " 1, 2 "], [1, 2]),
+])
+def test_a_stage_chain_that_can_run_is_accepted(argv, stages, monkeypatch, capsys):
+    """Each stage after the first starts from the one before it (checkpoint.init_from_stage)."""
+    from deepscaler import submit
+
+    monkeypatch.chdir(REPO)
+    assert submit.main([*argv, "--preset", "tiny-random", "--executor", "local", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert [int(line.split()[2]) for line in out.splitlines() if line.startswith("# stage ")] == stages
+
+
+def test_resume_step_0_and_latest_are_accepted_syntax():
+    from deepscaler.stage import parse_resume_step
+
+    assert [parse_resume_step(t) for t in (None, "latest", "0", "12", " 7 ")] == [None, "latest", 0, 12, 7]
 
 
 def test_resume_latest_without_a_checkpoint_says_it_starts_from_step_0(tmp_path, monkeypatch, capsys):

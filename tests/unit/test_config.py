@@ -241,6 +241,122 @@ def test_meaning_errors(tmp_path):
     assert "key 'eval.benchmarks.aime2024.pass_k' must be between 1 and samples (16)" in msg
 
 
+# --------------------------------------------------------------------------- ranges of numeric keys
+
+
+def _numeric_keys(cls: type = Config, prefix: str = "") -> dict[str, type]:
+    """Every int/float key of the tree, by walking the dataclass types (a dict's entries as '*')."""
+    import dataclasses
+    import typing
+
+    keys: dict[str, type] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, path = hints[f.name], prefix + f.name
+        if typing.get_origin(tp) is dict:
+            path, tp = path + ".*", typing.get_args(tp)[1]
+        if dataclasses.is_dataclass(tp):
+            keys.update(_numeric_keys(tp, path + "."))
+            continue
+        args = typing.get_args(tp)  # Union members, or a list's item type
+        for number in (float, int):
+            if tp is number or number in args:
+                keys[path] = number
+                break
+    return keys
+
+
+def _concrete(key: str) -> str:
+    return key.replace("*", "math500")
+
+
+def test_every_numeric_key_has_a_range():
+    """A numeric key without a range lets a value through that the run cannot use (lr=inf,
+    ppo_epochs=0): a new key must say its range in config.RANGES."""
+    from deepscaler.config import RANGES
+
+    keys = _numeric_keys()
+    assert len(keys) >= 60 and "trainer.ppo_epochs" in keys and "trainer.optimizer.betas" in keys
+    assert sorted(set(keys) - set(RANGES)) == [], "numeric keys without a range in config.RANGES"
+    assert sorted(set(RANGES) - set(keys)) == [], "ranges of keys that do not exist"
+
+
+@pytest.mark.parametrize("key", sorted(k for k, t in _numeric_keys().items() if t is float))
+@pytest.mark.parametrize("value", ["inf", "-.inf", ".nan"])
+def test_a_float_key_refuses_a_value_that_is_not_finite(key, value, tmp_path):
+    key = _concrete(key)
+    override = f"{key}=[0.9, {value}]" if key.endswith("betas") else f"{key}={value}"
+    msg = _error(tmp_path, files=[YAML_DIR / "stage1.yaml"], overrides=[override])
+    assert f"key '{key}" in msg and "finite" in msg, msg
+
+
+def _just_outside(bounds) -> list:
+    """Values just past each end of a range (a closed int end: one past; an open end: the end)."""
+    out = []
+    if bounds.low is not None:
+        out.append(bounds.low if bounds.low_open else bounds.low - (1 if float(bounds.low).is_integer() else 0.01))
+    if bounds.high is not None:
+        out.append(bounds.high if bounds.high_open else bounds.high + 1)
+    return out
+
+
+def _range_cases():
+    from deepscaler.config import RANGES, Bounds
+
+    for key, number in _numeric_keys().items():  # a key missing from RANGES fails the test above
+        for value in _just_outside(RANGES.get(key, Bounds())):
+            value = number(value) if number is int or not float(value).is_integer() else float(value)
+            yield key, value
+
+
+@pytest.mark.parametrize("key, value", list(_range_cases()))
+def test_a_value_just_outside_a_keys_range_is_refused(key, value, tmp_path):
+    key = _concrete(key)
+    override = f"{key}=[{value}, 0.999]" if key.endswith("betas") else f"{key}={value}"
+    msg = _error(tmp_path, files=[YAML_DIR / "stage1.yaml"], overrides=[override])
+    assert msg.startswith(f"{YAML_DIR / 'stage1.yaml'} + {override}: key '{key}") and f"({value})" in msg, msg
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.ppo_epochs=1"], ["trainer.ppo_epochs=4"], ["trainer.optimizer.lr=1e-6"], ["trainer.optimizer.lr=10"],
+    ["trainer.optimizer.betas=[0, 0.999]"], ["trainer.optimizer.grad_clip=0"], ["trainer.optimizer.weight_decay=0"],
+    ["sampling.top_p=1"], ["sampling.temperature=1e-3"], ["inference.gpu_memory_utilization=1"],
+    ["trainer.loss.clip_ratio_low=0"], ["trainer.loss.clip_ratio_low=1"], ["trainer.loss.kl_coef=0"],
+    ["trainer.loss.tis_cap=1"], ["trainer.loss.tis_cap=null"], ["trainer.loss.clip_ratio_c=1.5"],
+    ["run.seed=0"], ["run.seed=4294967295"], ["eval.seed=4294967295"], ["eval.temperature=0"],
+    ["trainer.deepspeed.zero_stage=0"], ["trainer.deepspeed.zero_stage=3"], ["checkpoint.keep_every=0"],
+    ["checkpoint.keep_last=1"], ["orchestrator.reward.workers=0"], ["slurm.max_requeues=0"],
+    ["slurm.signal_delay_s=0"], ["orchestrator.prompts_per_step=1", "trainer.mini_batches_per_step=1"],
+    ["slurm.trainer.gpus_per_node=0"], ["eval.benchmarks.aime2024.pass_k=1"], ["model.tiny.warm_start_updates=0"],
+])
+def test_values_at_the_edge_of_a_range_are_accepted(overrides):
+    cfg = load_config([YAML_DIR / "stage1.yaml"], overrides)
+    key, value = overrides[0].split("=")
+    got = cfg
+    for part in key.split("."):
+        got = got[part] if isinstance(got, dict) else getattr(got, part)
+    assert got == yaml.safe_load(value) or got == float(value), (key, got)
+
+
+def test_the_tiny_models_heads_must_divide_its_width(tmp_path):
+    stage1 = YAML_DIR / "stage1.yaml"
+    msg = _error(tmp_path, files=[stage1], overrides=["model.tiny.num_heads=3"])
+    assert msg.endswith("key 'model.tiny.num_heads' (3) must divide model.tiny.hidden_size (128)"), msg
+    msg = _error(tmp_path, files=[stage1], overrides=["model.tiny.num_kv_heads=3"])
+    assert msg.endswith("key 'model.tiny.num_kv_heads' (3) must divide model.tiny.num_heads (4)"), msg
+    cfg = load_config([stage1], ["model.tiny.num_heads=8", "model.tiny.num_kv_heads=8"])
+    assert (cfg.model.tiny.num_heads, cfg.model.tiny.num_kv_heads) == (8, 8)
+
+
+def test_a_range_error_is_one_line_with_the_key_and_value(tmp_path):
+    msg = _error(tmp_path, files=[YAML_DIR / "stage1.yaml"], overrides=["trainer.ppo_epochs=0"])
+    assert msg.endswith("key 'trainer.ppo_epochs' (0) must be 1 or more"), msg
+    msg = _error(tmp_path, files=[YAML_DIR / "stage1.yaml"], overrides=["trainer.optimizer.lr=inf"])
+    assert msg.endswith("key 'trainer.optimizer.lr' (inf) must be a finite number"), msg
+    msg = _error(tmp_path, "sampling: {top_p: 0}")
+    assert msg == f"{tmp_path / 'bad.yaml'}: key 'sampling.top_p' (0.0) must be more than 0 and at most 1", msg
+
+
 # --------------------------------------------------------------------------- command line
 
 

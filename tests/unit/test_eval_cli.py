@@ -6,6 +6,7 @@ Weights steps here are STABLE-marked folders with placeholder files: nothing loa
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -84,6 +85,52 @@ def test_an_output_dir_with_no_run(tmp_path: Path, capsys) -> None:
     code, _, err = run_main(capsys, "report", "--output-dir", str(tmp_path), "--run", "other")
     assert code == 2 and "no run here (no run.yaml); runs with a stage 1 in" in one_error_line(err)
     assert err.strip().endswith(": tiny")
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("model", ["999", "/no/such/path", "./models/nope", "a/b/c"])
+def test_a_model_that_does_not_exist_is_one_line_listing_what_does_and_creates_nothing(tmp_path: Path, capsys,
+                                                                                      model: str) -> None:
+    make_run(tmp_path, steps=(1, 2))
+    before = tree(tmp_path)
+    code, _, err = run_main(capsys, "run", "--model", model, "--output-dir", str(tmp_path))
+    line = one_error_line(err)
+    assert code == 2 and "stable weights steps" in line and "[1, 2]" in line, line
+    if model != "999":
+        assert f"--model {model}: no such model folder" in line and "run 'tiny' stage 1" in line
+    assert tree(tmp_path) == before  # no run folder of its own, no evals/, no logs
+
+
+def test_a_path_that_does_not_exist_with_no_run_there_says_so(tmp_path: Path, capsys) -> None:
+    code, _, err = run_main(capsys, "run", "--model", "/no/such/path", "--output-dir", str(tmp_path))
+    assert code == 2 and "no such model folder" in one_error_line(err) and f"no run in {tmp_path}" in err
+    assert tree(tmp_path) == []
+
+
+def test_a_hub_model_missing_from_the_cache_creates_nothing(tmp_path: Path, capsys) -> None:
+    code, _, err = run_main(capsys, "run", "--model", "no-such-org/no-such-model", "--output-dir", str(tmp_path),
+                            "run.hub_offline=true")
+    assert code == 2 and "the Hub cache has no model no-such-org/no-such-model" in one_error_line(err)
+    assert tree(tmp_path) == []
+
+
+def test_a_damaged_step_is_one_line_and_latest_passes_over_it(tmp_path: Path, capsys) -> None:
+    """A step whose file lost bytes (or changed one) since it was published: named, it is a
+    one-line error naming the file; ``latest`` evaluates the newest step that verifies."""
+    store = make_run(tmp_path, steps=(1, 2, 3))
+    os.truncate(store.step_path("weights", 3) / "model.safetensors", 4)
+    (store.step_path("weights", 2) / "config.json").write_text("[]")  # same size, other bytes
+    code, _, err = run_main(capsys, "run", "--model", "3", "--output-dir", str(tmp_path))
+    assert code == 2 and "step_3: model.safetensors has 4 bytes, manifest says 16" in one_error_line(err)
+    code, _, err = run_main(capsys, "run", "--model", "2", "--output-dir", str(tmp_path))
+    assert code == 2 and "step_2: config.json does not match the checksum" in one_error_line(err)
+    assert not store.evals_dir.joinpath("step_3").exists()
+    _, _, what = eval_config("latest", tmp_path, None, 1)
+    err = capsys.readouterr().err
+    assert what == 1 and "passing over a damaged weights step" in err and "step_3" in err and "step_2" in err
 
 
 def test_several_runs_need_a_name(tmp_path: Path, capsys) -> None:

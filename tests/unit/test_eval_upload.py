@@ -109,3 +109,74 @@ def test_bad_repo_id_and_step(store, capsys) -> None:
     # the console script deepscaler-upload: the same subcommand
     assert upload_main(["--output-dir", str(store.output_dir), "--step", "5", "--repo-id", "me/x", "--dry-run"]) == 2
     assert "step_5 does not exist; stable weights steps: [1, 2]" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- only the step's own files, private by default
+
+
+def sent(api: FakeHubApi) -> dict[str, bytes]:
+    """What the fake Hub received: {path in the repository: content}."""
+    ops = next(call for call in api.calls if call[0] == "create_commit")[2]
+    return {op.path_in_repo: (op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes)
+                              else Path(op.path_or_fileobj).read_bytes()) for op in ops}
+
+
+def test_only_the_files_of_the_manifest_are_sent(store, tmp_path: Path) -> None:
+    """Files that appeared in the step folder after it became stable (planted, or a symlink to
+    a secret elsewhere) are not part of the model and never leave the machine."""
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    folder = store.step_dir("weights", 2)
+    (folder / "notes.txt").write_text("not the model's")
+    (folder / "tokenizer.json").symlink_to(secret)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "x.bin").write_bytes(b"x")
+    assert [rel for rel, _ in model_files(store, 2)] == ["config.json", "model.safetensors"]
+    api = FakeHubApi()
+    upload_step(store, 2, "me/tiny-repro", api=api)
+    got = sent(api)
+    assert sorted(got) == ["README.md", "config.json", "model.safetensors"]
+    assert b"PRIVATE KEY" not in b"".join(got.values())
+
+
+def test_a_listed_file_that_became_a_symlink_is_refused(store, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 16)  # the size the manifest expects
+    folder = store.step_dir("weights", 2)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(secret)
+    api = FakeHubApi()
+    with pytest.raises(UploadError, match=rf"^{folder / 'model.safetensors'} is a symlink \(to {secret}\): "
+                                          r"an upload sends only the step's own files; refusing$"):
+        upload_step(store, 2, "me/tiny-repro", api=api)
+    assert api.calls == []  # nothing reached the Hub, not even the repository
+    code = main(["upload", "--output-dir", str(store.output_dir), "--step", "2", "--repo-id", "me/x", "--dry-run"])
+    assert code == 2
+
+
+def test_a_symlinked_step_folder_is_refused(store, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    store.step_dir("weights", 2).rename(elsewhere)
+    store.step_path("weights", 2).symlink_to(elsewhere)
+    with pytest.raises(UploadError, match=r"step_2 is a symlink .*refusing$"):
+        upload_step(store, 2, "me/tiny-repro", api=FakeHubApi())
+
+
+def test_repositories_are_private_unless_public_is_asked_for(store, monkeypatch, capsys) -> None:
+    """The command line against the fake Hub (the boundary): private by default; ``--private``
+    is still accepted (the default, for old scripts); ``--public`` makes it public."""
+    import huggingface_hub
+
+    apis: list[FakeHubApi] = []
+    monkeypatch.setenv("HF_TOKEN", "hf_test-token")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token: apis.append(FakeHubApi()) or apis[-1])
+    common = ["upload", "--output-dir", str(store.output_dir), "--step", "2", "--repo-id", "me/tiny-repro"]
+    for extra in ([], ["--private"], ["--public"]):
+        assert main(common + extra) == 0, capsys.readouterr().err
+    assert [api.calls[0][2] for api in apis] == [True, True, False]
+    assert main(common + ["--dry-run"]) == 0
+    assert "(private):" in capsys.readouterr().out
+    assert main(common + ["--dry-run", "--public"]) == 0
+    assert "(public):" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # both at once: argparse's own one-line error
+        main(common + ["--public", "--private"])

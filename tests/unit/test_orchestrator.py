@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from deepscaler.inference.client import Sample
-from deepscaler.orchestrator import next_batch, permutation, step_stats
+from deepscaler.orchestrator import next_batch, permutation, small_data_note, stage_steps, step_stats
 from deepscaler.progress import line, step_rows
 
 
@@ -41,6 +41,23 @@ def test_resuming_from_saved_progress_continues_the_same_order() -> None:
         batch, p = next_batch(7, 3, p)
         resumed.append(batch)
     assert resumed == straight
+
+
+def test_data_smaller_than_a_step_spreads_its_problems_evenly_and_is_noted() -> None:
+    """10 problems, 128 prompts per step: each problem 12 or 13 times per step, said once, in one line."""
+    batch, _ = next_batch(10, 128, {"seed": 0, "epoch": 0, "cursor": 0})
+    assert len(batch) == 128 and sorted({batch.count(i) for i in range(10)}) == [12, 13]
+    note = small_data_note(10, 128)
+    assert note is not None and "\n" not in note
+    assert "10 problems" in note and "orchestrator.prompts_per_step=128" in note and "13 times" in note
+    assert small_data_note(1, 2) is not None and "2 times" in small_data_note(1, 2)
+    assert small_data_note(128, 128) is None and small_data_note(100, 16) is None  # the tiny preset's
+
+
+def test_a_stage_without_max_steps_runs_one_epoch_and_at_least_one_step() -> None:
+    assert stage_steps(None, problems=1000, per_step=128) == 7
+    assert stage_steps(None, problems=10, per_step=128) == 1  # was 0: the stage did nothing
+    assert stage_steps(20, problems=10, per_step=128) == 20
 
 
 def sample(n_tokens: int, truncated: bool = False) -> Sample:

@@ -389,3 +389,48 @@ def test_the_scorer_applies_the_integer_rule_it_is_given():
     with BatchScorer(workers=1, deadline_s=10) as strict, BatchScorer(workers=1, deadline_s=10,
                                                                      literal_integers=False) as lenient:
         assert strict.score(pairs) == [0.0, 1.0] and lenient.score(pairs) == [1.0, 1.0]
+
+
+# Ordinary formatting of a right integer (issue 24): braces, bold/text wrappers, thousands
+# separators ({,} and well-formed 3-digit groups), thin spaces, surrounding spaces.
+FORMATTED_INTEGERS = [
+    ("{40}", "40"), ("{{40}}", "40"), ("\\mathbf{40}", "40"), ("\\textbf{40}", "40"), ("\\text{40}", "40"),
+    ("\\mathrm{40}", "40"), ("\\boldsymbol{40}", "40"), ("{\\bf 40}", "40"), ("\\displaystyle 40", "40"),
+    ("6{,}700", "6700"), ("6,700", "6700"), ("1{,}000{,}000", "1000000"), ("\\mathbf{6{,}700}", "6700"),
+    ("{\\mathbf{-1{,}234}}", "-1234"), ("6\\,700", "6700"), ("6\\!700", "6700"), ("  40  ", "40"),
+    ("\\text{ 40 }", "40"), ("40.0", "40"), ("\\mathbf{40}", "\\mathbf{40}"), ("40", "{40}"),
+    ("6700", "6{,}700"),
+]
+
+
+@pytest.mark.parametrize("boxed, gold", FORMATTED_INTEGERS)
+def test_an_integer_in_ordinary_formatting_is_accepted(boxed, gold):
+    assert compute_score(ans(boxed), gold) == 1.0
+
+
+def test_the_scorer_accepts_formatted_integers_too():
+    with BatchScorer(workers=1, deadline_s=10) as scorer:
+        assert scorer.score([(ans(b), g) for b, g in FORMATTED_INTEGERS]) == [1.0] * len(FORMATTED_INTEGERS)
+
+
+@pytest.mark.parametrize("boxed, gold", [
+    # an expression stays refused, however it is dressed
+    ("\\mathbf{\\frac{80}{2}}", "40"), ("{2^{10}}", "1024"), ("\\text{40 + 2}", "42"), ("{6 \\cdot 7}", "42"),
+    # a list or a malformed group is not a thousands separator
+    ("1,2", "12"), ("1{,}2", "12"), ("12,34", "1234"), ("1,2345", "12345"), ("1{,}23", "123"),
+    ("6,70", "670"), ("{,}700", "700"),
+    # wrong integers stay wrong
+    ("{41}", "40"), ("\\mathbf{41}", "40"), ("6{,}701", "6700"), ("\\mathbf{-40}", "40"),
+    # a wrapper that changes the meaning is not formatting
+    ("\\sqrt{40}", "40"),
+])
+def test_formatting_does_not_make_a_wrong_or_unfinished_answer_right(boxed, gold):
+    assert compute_score(ans(boxed), gold) == 0.0
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("{40}", "40"), ("\\mathbf{\\text{ 40 }}", "40"), ("6{,}700", "6700"), ("{a}{b}", "{a}{b}"),
+    ("\\mathbf{v}+\\mathbf{w}", "\\mathbf{v}+\\mathbf{w}"), ("1{,}2", "1,2"), ("\\{1,2\\}", "\\{1,2\\}"),
+])
+def test_mathd_normalize_strips_formatting_of_the_whole_answer(raw, expected):
+    assert mathd_normalize(raw) == expected

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -79,8 +81,8 @@ def test_a_lock_is_taken_over_when_its_holder_is_gone(store, monkeypatch, case):
     elif case == "dead pid":
         done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
         plant(store, host=Holder.me().host, pid=int(done.stdout), job_id=None)
-    else:
-        plant(store, host="node7", pid=1, job_id="40")
+    else:  # a lost node outside Slurm (a holder whose job runs keeps the lock: see the Slurm test below)
+        plant(store, host="node7", pid=1, job_id=None)
         old = time.time() - run_lock.STALE_S - 5
         os.utime(run_lock.lock_dir(store) / run_lock.HOLDER, (old, old))
     with RunLock(store):
@@ -132,3 +134,253 @@ def test_a_completing_job_no_longer_holds_the_lock(monkeypatch, state, running):
     monkeypatch.setattr(run_lock.subprocess, "run",
                         lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=f"{state}\n", stderr=""))
     assert run_lock._job_running("21") is running
+
+
+# --------------------------------------------------------------------------- nothing of the old run can still write
+# A lock is taken over only when no process of the run that holds it is left: a stopped
+# supervisor (Ctrl-Z) or its children, which live on in their own sessions, keep it whatever
+# the heartbeat says. Timeouts are the config keys' (run.lock_stale_s, run.lock_heartbeat_s),
+# in seconds here.
+
+STALE, BEAT = 1.0, 0.2
+
+
+@contextlib.contextmanager
+def supervisor(store, attempt: str = "attempt-A", child_argv: tuple[str, ...] = ()):
+    """A process holding the stage's lock as a supervisor does (heartbeat BEAT), with one child
+    that carries its attempt id, in a session of its own (as deepscaler.launch starts them).
+    Yields (supervisor, child pid); both are killed at the end."""
+    code = ("import os, subprocess, sys, time\nfrom deepscaler.run_lock import RunLock\n"
+            "from deepscaler.store import RunStore\n"
+            f"store = RunStore({str(store.output_dir)!r}, {store.run!r}, {store.stage})\n"
+            f"with RunLock(store, {attempt!r}, heartbeat_s={BEAT}, stale_s={STALE}):\n"
+            f"    env = {{**os.environ, 'DEEPSCALER_ATTEMPT': {attempt!r}}}\n"
+            "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', *sys.argv[1:]],\n"
+            "                             env=env, start_new_session=True)\n"
+            "    print(child.pid, flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, *child_argv], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    child = int(proc.stdout.readline())
+    try:
+        yield proc, child
+    finally:
+        for pid in (child, proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        wait_gone(child)
+
+
+def wait_gone(pid: int) -> None:
+    """Until ``pid`` has ended (gone, or a zombie: it is not ours to reap)."""
+    for _ in range(200):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return
+        if stat[stat.rfind(")") + 2:].startswith("Z"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} did not end")
+
+
+def stale(store) -> None:
+    """Wait until the holder's heartbeat is older than STALE."""
+    time.sleep(STALE + 2 * BEAT)
+    assert run_lock.holder(store)[1] > STALE
+
+
+def test_a_stopped_supervisor_keeps_its_lock_past_the_stale_time(store):
+    with supervisor(store) as (proc, child):
+        os.kill(proc.pid, signal.SIGSTOP)  # Ctrl-Z: its heartbeat stops, its child runs on
+        try:
+            stale(store)
+            with pytest.raises(RunLocked) as err:
+                RunLock(store, "attempt-B", stale_s=STALE).acquire()
+            message = str(err.value)
+            assert "\n" not in message and f"(pid {proc.pid} on {Holder.me().host}" in message
+            assert f"stopped (Ctrl-Z or SIGSTOP: continue it with fg or kill -CONT {proc.pid})" in message
+            assert f"its processes are alive: python" in message and f"pid {child}" in message
+            assert run_lock.holder(store)[0].attempt == "attempt-A"  # nothing was moved aside
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(2 * BEAT)
+        assert run_lock.holder(store)[1] < STALE  # it beats again, still the holder
+    with RunLock(store, "attempt-B", stale_s=STALE):  # all of it gone: taken over at once
+        assert run_lock.holder(store)[0].attempt == "attempt-B"
+
+
+def test_the_children_of_a_killed_supervisor_keep_its_lock(store):
+    with supervisor(store, child_argv=("-m", "deepscaler.trainer")) as (proc, child):
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with pytest.raises(RunLocked, match=rf"pid {proc.pid} on .*; its processes are alive: trainer pid {child}\)"):
+            RunLock(store, "attempt-B", stale_s=STALE).acquire()
+        os.kill(child, signal.SIGKILL)
+        wait_gone(child)
+        with RunLock(store, "attempt-B", stale_s=STALE):
+            pass
+
+
+def stage_process(store, attempt: str | None, config: str) -> subprocess.Popen:
+    """A process as the stage's trainer is started (``--config`` relative to its cwd), carrying
+    ``attempt`` (None: none, as a process started by hand or an editor has)."""
+    env = {k: v for k, v in os.environ.items() if k != "DEEPSCALER_ATTEMPT"}
+    if attempt:
+        env["DEEPSCALER_ATTEMPT"] = attempt
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "deepscaler.trainer",
+                             "--config", config], env=env, cwd=store.output_dir)
+
+
+def test_a_stage_whose_lock_was_removed_is_in_use_while_its_processes_run(store):
+    """LOCK/ removed by hand mid-run: the run's processes are found by their attempt id and
+    this stage's run.yaml on their command line, or by an attempt that handover/ names."""
+    from deepscaler.handover import Progress
+    from deepscaler.store import atomic_write_json
+
+    store.ensure_dirs()
+    store.run_yaml.write_text("run: {}\n")
+    other = RunStore(store.output_dir, "run", 2)
+    other.ensure_dirs()
+    other.run_yaml.write_text("run: {}\n")
+    rel = str(store.run_yaml.relative_to(store.output_dir))
+    harmless = [stage_process(store, None, rel),  # names the run.yaml, but no supervisor started it
+                stage_process(store, "attempt-C", str(other.run_yaml))]  # another stage's
+    try:
+        with RunLock(store, "attempt-B", stale_s=STALE):
+            pass
+        trainer = stage_process(store, "attempt-A", rel)
+        time.sleep(0.3)  # its command line is in /proc once it runs
+        try:
+            with pytest.raises(RunLocked) as err:
+                RunLock(store, "attempt-B", stale_s=STALE).acquire()
+            assert "\n" not in str(err.value)
+            assert f"(its LOCK/ is gone (removed by hand?); its processes are alive: trainer pid {trainer.pid})" \
+                in str(err.value)
+        finally:
+            trainer.kill()
+            trainer.wait()
+        with RunLock(store, "attempt-B", stale_s=STALE):
+            pass
+        # A process of the run that names no run.yaml (a worker of the orchestrator's pool) is
+        # known by the attempt the run's hand-over report names.
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                  env={**os.environ, "DEEPSCALER_ATTEMPT": "attempt-A"})
+        atomic_write_json(store.handover_dir / "orchestrator.json",
+                          asdict(Progress("orchestrator", 3, "running", Holder.me().host, 1, "attempt-A", time.time())))
+        time.sleep(0.3)
+        try:
+            with pytest.raises(RunLocked, match=rf"its processes are alive: python\S* pid {worker.pid}\)"):
+                RunLock(store, "attempt-B", stale_s=STALE).acquire()
+        finally:
+            worker.kill()
+            worker.wait()
+    finally:
+        for p in harmless:
+            p.kill()
+            p.wait()
+
+
+def report(store, role: str, host: str, age: float, job_id: str | None = None) -> None:
+    """The hand-over report a trainer or orchestrator of attempt-A on ``host`` last wrote ``age`` s ago."""
+    from deepscaler.handover import Progress
+    from deepscaler.store import atomic_write_json
+
+    atomic_write_json(store.handover_dir / f"{role}.json",
+                      asdict(Progress(role, 2, "running", host, 4242, "attempt-A", time.time() - age, job_id)))
+
+
+def test_a_stopped_supervisor_on_another_host_keeps_its_lock_while_its_children_report(store):
+    """Outside Slurm, from another host, a lock with a stale heartbeat is taken over only when
+    the hand-over reports of its trainer and orchestrator are stale too."""
+    plant(store, host="node7", pid=1, job_id=None, attempt="attempt-A")
+    old = time.time() - 10 * STALE
+    os.utime(run_lock.lock_dir(store) / run_lock.HOLDER, (old, old))
+    report(store, "trainer", "node7", age=0.0)  # its child still reports
+    with pytest.raises(RunLocked, match=r"pid 1 on node7, since .*; its processes are alive: trainer pid 4242 on "):
+        RunLock(store, stale_s=STALE).acquire()
+    report(store, "trainer", "node7", age=1000)  # a lost node: nothing reports (reports beat every 10 s)
+    with RunLock(store, stale_s=STALE):
+        pass
+
+
+def test_a_child_stops_before_writing_once_its_run_no_longer_holds_the_lock(store, monkeypatch):
+    import shutil
+
+    from deepscaler.handover import ATTEMPT_ENV
+    from deepscaler.run_lock import LockLost, require_ownership
+
+    monkeypatch.delenv(ATTEMPT_ENV, raising=False)
+    require_ownership(store)  # started by hand, no supervisor: there is no lock to own
+    monkeypatch.setenv(ATTEMPT_ENV, "attempt-A")
+    lock = RunLock(store, "attempt-A", heartbeat_s=0.05, stale_s=STALE)
+    with lock:
+        require_ownership(store)  # its own supervisor's lock
+        shutil.rmtree(run_lock.lock_dir(store))  # removed by hand
+        with pytest.raises(LockLost) as err:
+            require_ownership(store)
+        assert str(err.value) == (f"{store.root}: this run (attempt attempt-A) no longer holds the stage's lock: "
+                                  f"{run_lock.lock_dir(store)} is gone (removed by hand?); stopped before writing "
+                                  "again (resume with --resume-step latest once no other run uses the stage)")
+        time.sleep(0.3)
+        assert not run_lock.lock_dir(store).exists()  # the heartbeat does not make it again
+        with RunLock(store, "attempt-B", stale_s=STALE) as taken:  # another run takes the free stage
+            time.sleep(0.3)
+            assert run_lock.holder(store)[0].attempt == "attempt-B"  # the old heartbeat left it alone
+            with pytest.raises(LockLost, match=r"no longer holds the stage's lock: it is now held by pid "):
+                require_ownership(store)
+            lock.release()  # the old run's end does not release the new run's lock
+            assert run_lock.holder(store)[0] == taken.me
+
+
+def test_a_second_run_of_a_live_stage_is_refused_before_it_builds_anything(tmp_path):
+    """run_stage takes the lock first: a refused second run has not built or written anything
+    (it built the tiny model for a minute before)."""
+    from deepscaler.config import load_config
+    from deepscaler.launch import run_stage
+
+    cfg = load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny-random.yaml"], [f"run.output_dir={tmp_path}"])
+    store = RunStore(tmp_path, "tiny", 1)
+
+    def commands(*args):
+        raise AssertionError("a process was started")
+
+    with supervisor(store) as (proc, _):
+        with pytest.raises(RunLocked, match=rf"in use by another run of this stage \(pid {proc.pid} on "):
+            run_stage(cfg, commands=commands)
+    assert not (tmp_path / "cache").exists()  # the tiny model was not built
+    assert not store.run_yaml.exists()
+
+
+@pytest.mark.slurm
+def test_a_running_slurm_job_keeps_the_lock_whatever_its_heartbeat(store, slurm_cluster, tmp_path):
+    """A holder's Slurm job that runs (or is suspended) holds the lock, however old the
+    heartbeat (a stopped supervisor in a running job); once the job ends it is taken over."""
+    import shutil
+
+    from tests.slurm_cluster import slurm_env
+
+    job = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "job.out"), "--wrap", "sleep 120"],
+                         capture_output=True, text=True, timeout=15, check=True, env=slurm_env()).stdout.strip()
+    try:
+        for _ in range(300):
+            if run_lock._job_running(job):
+                break
+            time.sleep(0.1)
+        plant(store, host="node7", pid=1, job_id=job)
+        old = time.time() - 10 * STALE
+        os.utime(run_lock.lock_dir(store) / run_lock.HOLDER, (old, old))
+        with pytest.raises(RunLocked, match=rf"pid 1 on node7, Slurm job {job}, since"):
+            RunLock(store, stale_s=STALE).acquire()
+        # LOCK/ removed by hand: the job's trainer on another node, however old its report, holds the stage
+        shutil.rmtree(run_lock.lock_dir(store))
+        report(store, "trainer", "node7", age=1000, job_id=job)
+        with pytest.raises(RunLocked, match=r"its LOCK/ is gone .*; its processes are alive: trainer pid 4242 on "):
+            RunLock(store, stale_s=STALE).acquire()
+    finally:
+        subprocess.run(["scancel", job], timeout=15, env=slurm_env())
+    for _ in range(300):
+        if not run_lock._job_running(job):
+            break
+        time.sleep(0.1)
+    with RunLock(store, stale_s=STALE):
+        assert run_lock.holder(store)[0].pid == os.getpid()

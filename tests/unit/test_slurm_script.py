@@ -171,3 +171,43 @@ def test_colocating_what_does_not_fit_on_one_node_is_refused() -> None:
     with pytest.raises(Exception) as err:
         config("slurm.colocate=true")  # stage 2: 2 x 8 + 2 x 8 GPUs
     assert "slurm.colocate" in str(err.value) and "do not fit on one node" in str(err.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("slurm.partition", "gpu\ntouch /tmp/pwned"),
+    ("slurm.account", "proj\r"),
+    ("slurm.qos", "high\x1b"),
+    ("slurm.constraint", "a100\n"),
+    ("slurm.extra_sbatch", ["--exclusive", "--comment=x\nrm -rf ~"]),
+    ("slurm.setup", ["module load cuda\nexport X=1"]),
+    ("slurm.inference.mem", "200G\nid"),
+    ("run.output_dir", "/shared/runs\n/x"),
+])
+def test_a_control_character_in_a_value_that_reaches_the_script_is_refused(tmp_path, key, value) -> None:
+    """A newline would end its #SBATCH line and start a line of shell."""
+    import yaml
+
+    from deepscaler.config import ConfigError
+
+    tree: dict = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump({"extends": str(REPO / "yaml/stage2.yaml"), **tree}))
+    with pytest.raises(ConfigError, match=rf"^{path}: key '{key}' holds a control character"):
+        load_config([path])
+
+
+def test_values_with_spaces_and_shell_characters_stay_quoted_values(tmp_path) -> None:
+    import yaml
+
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump({"extends": str(REPO / "yaml/stage2.yaml"),
+                                    "run": {"output_dir": "/shared/my runs"},
+                                    "slurm": {"inference": {"mem": "200G; touch /tmp/pwned"}}}))
+    cfg = load_config([path])
+    script = stage_script(cfg, Path(cfg.run.output_dir) / "logs", "cmd")
+    assert "#SBATCH --mem='200G; touch /tmp/pwned'" in script.splitlines()
+    assert "#SBATCH --output='/shared/my runs/logs/%j_0_log.out'" in script.splitlines()
+    assert "#SBATCH --mem=200G" in stage_script(config("slurm.inference.mem=200G"), Path("/x"), "cmd").splitlines()
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

@@ -52,3 +52,84 @@ def test_no_run_is_a_one_line_error(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "deepscaler.status", "--output-dir", str(tmp_path)],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and out.stderr.startswith("error: no run in") and out.stderr.count("\n") == 1
+
+
+def stage_with_bad_values(root: Path) -> RunStore:
+    """A stage whose metrics.jsonl holds what a user's tool or a crash can write: nulls and
+    strings in numeric fields, steps that are not numbers, non-finite times."""
+    store = make_stage(root, "odd", 1, steps=3)
+    bad = [
+        {"source": "orchestrator", "step": 3, "reward_mean": None, "response_length_mean": "long",
+         "truncation_rate": None, "time_step_s": "slow", "solve_all": [1], "response_length_max": 2.5},
+        {"source": "trainer", "step": 4, "pg_loss": None, "kl": "x", "entropy": {}, "time_step_s": None,
+         "mismatch_kl": "1e-3"},
+        {"source": "orchestrator", "step": None, "reward_mean": 1.0},
+        {"source": "orchestrator", "step": "5", "reward_mean": 1.0},
+        {"source": "orchestrator", "step": True, "reward_mean": 1.0},
+        {"source": None, "step": 6, "reward_mean": 1.0},
+        {"source": "trainer", "step": 2, "time_step_s": float("inf"), "pg_loss": float("nan")},
+    ]
+    for record in bad:
+        store.append_metrics(record)
+    return store
+
+
+def test_values_that_are_not_numbers_are_skipped_in_the_summary(tmp_path: Path) -> None:
+    s = stage_summary(stage_with_bad_values(tmp_path))
+    assert s["steps"] == 4  # steps 0-2, and step 3 whose figures are unreadable
+    assert abs(s["reward"] - 0.1) < 1e-9  # mean of the readable rewards 0, .1, .2
+    assert s["length"] is None and s["truncation"] is None and s["mismatch_kl"] is None  # step 3's: unreadable
+    assert s["eta_s"] == 6 * 60.0  # only finite numeric step times count
+
+
+def test_step_rows_keep_only_numbers(tmp_path: Path) -> None:
+    from deepscaler.progress import cell, line, step_rows
+
+    store = stage_with_bad_values(tmp_path)
+    rows = step_rows(store.read_metrics().records)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    last = rows[-1]
+    for key in ("reward_mean", "response_length_mean", "truncation_rate", "solve_all", "pg_loss", "kl", "entropy",
+                "mismatch_kl"):
+        assert key not in last, key
+        assert cell(last, key, "{:.3f}") == "-"
+    assert last["time_step_s"] is None and cell(last, "response_length_max", "{:d}") == "2.5"
+    assert "reward -" in line(last) and "loss -" in line(last)
+    assert "loss +nan" in line(rows[1])  # a diverged loss is shown, not hidden
+
+
+def test_status_and_the_stage_summary_show_a_dash_for_a_null(tmp_path: Path) -> None:
+    from deepscaler.submit import summary
+
+    store = stage_with_bad_values(tmp_path)
+    text = summary(store)
+    assert "finished: 4 steps" in text and "reward per step: 0.00 0.10 0.20 -" in text, text
+    out = subprocess.run([sys.executable, "-m", "deepscaler.status", "--output-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    row = next(line for line in out.stdout.splitlines() if "odd" in line)
+    assert "4/10" in row and "0.100" in row and row.count("-") >= 3, out.stdout
+
+
+def test_the_live_display_prints_a_row_whose_values_are_null(tmp_path: Path) -> None:
+    import io
+
+    from deepscaler.progress import Display
+
+    store = stage_with_bad_values(tmp_path)
+    out = io.StringIO()
+    with Display(load_config(store.run_yaml), stream=out) as display:
+        display.update(store.read_metrics().records)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5 and lines[-1].startswith("step 3  reward -"), lines  # the title, then steps 0-3
+
+
+def test_the_wandb_forwarder_takes_only_numbers_at_a_numbered_step(tmp_path: Path) -> None:
+    from deepscaler.tracking import point
+
+    points = [point(r) for r in stage_with_bad_values(tmp_path).read_metrics().records]
+    kept = [p for p in points if p is not None]
+    assert len(kept) == 3 * 2 + 3  # the good records, steps 3 and 4 (numbers only), and step 2's repeat
+    assert all(type(step) is int for _, step, _ in kept)
+    step3 = next(values for source, step, values in kept if source == "orchestrator" and step == 3)
+    assert step3 == {"orchestrator/response_length_max": 2.5, "orchestrator/step": 3}

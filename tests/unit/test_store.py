@@ -204,6 +204,84 @@ def test_verify_step_detects_partial_copy(store: RunStore) -> None:
     assert "a has 2 bytes, manifest says 4" in msg and "b missing" in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("kind", ["rollouts", "weights", "checkpoints"])
+def test_every_kind_records_checksums_and_verify_finds_a_changed_byte(store: RunStore, kind: str) -> None:
+    """What a restart or an eval reads is checked to the byte, whichever kind it is."""
+    path = publish_files(store, kind, 1, {"a.bin": b"0123456789", "sub/b.json": b"{}"})
+    assert set(store.read_manifest(kind, 1)["crc32"]) == {"a.bin", "sub/b.json"}
+    store.verify_step(kind, 1, checksums=True)
+    (path / "a.bin").write_bytes(b"0123456780")  # same size: only the checksum can tell
+    store.verify_step(kind, 1)  # sizes alone pass
+    with pytest.raises(StepCorrupt, match=r"step_1: a.bin does not match the checksum recorded at save$"):
+        store.verify_step(kind, 1, checksums=True)
+
+
+def test_supplied_checksums_are_recorded_and_the_rest_computed(store: RunStore) -> None:
+    """A writer that computed a file's CRC32 while streaming it hands it over (no re-read)."""
+    import zlib
+
+    known = {"a.bin": zlib.crc32(b"abc")}
+    with store.write_step("weights", 1, checksums=known) as tmp:
+        (tmp / "a.bin").write_bytes(b"abc")
+        (tmp / "b.json").write_bytes(b"{}")
+    assert store.read_manifest("weights", 1)["crc32"] == {"a.bin": zlib.crc32(b"abc"), "b.json": zlib.crc32(b"{}")}
+    with pytest.raises(ValueError, match="c.bin"):  # a checksum of a file the step does not have is a writer bug
+        with store.write_step("weights", 2, checksums={"c.bin": 1}) as tmp:
+            (tmp / "a.bin").write_bytes(b"abc")
+    assert store.stable_steps("weights") == [1] and leftovers(store.weights_dir) == []
+
+
+def test_a_garbled_manifest_is_a_damaged_step(store: RunStore) -> None:
+    path = publish_files(store, "checkpoints", 3)
+    (path / STABLE).write_text('{"kind": "checkpoints", "fi')
+    with pytest.raises(StepCorrupt, match=r"step_3/STABLE: not valid JSON"):
+        store.verify_step("checkpoints", 3)
+
+
+def test_the_restart_point_rewrites_what_a_restart_reads_if_it_is_damaged(store: RunStore, capsys) -> None:
+    """A damaged weights step at the restart point goes (the trainer publishes it again from the
+    checkpoint), and so does a damaged rollouts step the orchestrator would read its data
+    progress from (the checkpoint has the same); intact ones, and older damaged weights that the
+    servers pass over themselves, stay. A second restart then finds nothing to repair."""
+    from deepscaler.launch import restart_point
+
+    for step in (2, 4):
+        publish_files(store, "checkpoints", step)
+    for step in (2, 3, 4):
+        publish_files(store, "weights", step)
+    for step in (3, 4):
+        publish_files(store, "rollouts", step)
+    (store.step_path("weights", 4) / "a.bin").write_bytes(b"y" * 10)  # a changed byte: same size
+    os.truncate(store.step_path("weights", 2) / "a.bin", 3)  # older: not what a restart loads
+    os.truncate(store.step_path("rollouts", 3) / "a.bin", 3)
+
+    assert restart_point(store, "latest") == "4"
+    err = capsys.readouterr().err
+    assert "weights/step_4: a.bin does not match the checksum" in err and "discarded weights [4]" in err
+    assert "rollouts/step_3: a.bin has 3 bytes, manifest says 10" in err
+    assert store.stable_steps("weights") == [2, 3] and store.stable_steps("rollouts") == []
+    assert store.stable_steps("checkpoints") == [2, 4]
+    publish_files(store, "weights", 4)  # what the trainer does first
+    assert restart_point(store, "latest") == "4" and "damaged" not in capsys.readouterr().err
+    assert store.stable_steps("weights") == [2, 3, 4]
+
+
+def test_a_fresh_start_over_leftovers_drops_damaged_steps_and_what_follows(store: RunStore, capsys) -> None:
+    """No checkpoint yet: the trainer reads the rollouts kept from step 0 on, the servers load
+    the newest weights. A damaged rollouts step goes with every later one (the orchestrator
+    samples them again from there); damaged weights go (the trainer writes step 0 again)."""
+    from deepscaler.launch import restart_point
+
+    for step in (0, 1, 2):
+        publish_files(store, "rollouts", step)
+        publish_files(store, "weights", step)
+    os.truncate(store.step_path("rollouts", 1) / "a.bin", 0)
+    (store.step_path("weights", 2) / "sub" / "b.json").unlink()
+    assert restart_point(store, "latest") is None
+    assert store.stable_steps("rollouts") == [0] and store.stable_steps("weights") == [0, 1]
+    assert "sub/b.json missing" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- wait_for_step
 
 
@@ -575,6 +653,34 @@ def test_atomic_file_disk_full_names_the_file(tmp_path: Path) -> None:
     msg = str(info.value)
     assert msg.startswith(str(p)) and "no space left on device" in msg and "MiB free" in msg and "\n" not in msg
     assert not list(tmp_path.iterdir())
+
+
+def test_a_kind_folder_that_turns_read_only_is_one_line_naming_it(store: RunStore) -> None:
+    """weights/ (or checkpoints/) remounted read-only between two steps, and while one is written:
+    a one-line StoreError naming the folder, and the stable steps stay as they were."""
+    from deepscaler.safetensors_io import save_tensors
+    from tests.helpers.mounts import read_only
+
+    publish_files(store, "weights", 1)
+    publish_files(store, "checkpoints", 1)
+    with read_only(store.weights_dir):
+        with pytest.raises(store_mod.StoreError) as info:
+            publish_files(store, "weights", 2)
+    msg = str(info.value)
+    assert msg.startswith(f"{store.weights_dir}: read-only file system while writing step_2") and "\n" not in msg
+    assert isinstance(info.value, OSError)  # callers that catch OSError still do
+
+    with pytest.raises(store_mod.StoreError) as info:
+        with store.write_step("checkpoints", 2) as tmp:
+            (tmp / "a.bin").write_bytes(b"x")
+            with read_only(store.checkpoints_dir):
+                save_tensors(tmp / "model.safetensors", {"w": torch.zeros(2)})  # through atomic_file
+    msg = str(info.value)
+    assert f"{store.checkpoints_dir}" in msg and "read-only file system" in msg and "\n" not in msg
+    assert store.stable_steps("weights") == [1] and store.stable_steps("checkpoints") == [1]
+    store.verify_step("weights", 1, checksums=True)
+    store.clean_partial("checkpoints")  # writable again: the writer's next start removes its temp dir
+    assert leftovers(store.checkpoints_dir) == [] and leftovers(store.weights_dir) == []
 
 
 def test_log_tail(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ verify_weights_dir and the dtype names. Folders come from the publisher (test_pu
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -209,3 +210,54 @@ def test_dtype_names():
     assert W.as_dtype("torch.float32") is torch.float32
     with pytest.raises(ValueError):
         W.as_dtype("float8")
+
+
+# --------------------------------------------------------------------------- a step as consumers load it
+
+
+def test_a_publish_records_the_checksums_of_the_bytes_it_wrote(published, store):
+    """The safetensors CRC32s come from the writer's stream (no re-read) and match the files;
+    a changed byte that every header check misses is caught by them."""
+    import zlib
+
+    from deepscaler.store import StepCorrupt
+
+    crcs = store.read_manifest("weights", 1)["crc32"]
+    assert set(crcs) == set(store.read_manifest("weights", 1)["files"])
+    for name, crc in crcs.items():
+        assert zlib.crc32((published / name).read_bytes()) == crc, name
+    shard = sorted(published.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in the last tensor's data
+    shard.write_bytes(bytes(data))
+    verify_weights_dir(published)  # headers and lengths are fine
+    with pytest.raises(StepCorrupt, match=rf"{shard.name} does not match the checksum recorded at save$"):
+        W.check_weights_step(store, 1)
+
+
+def _placeholder_steps(store: RunStore, steps) -> None:
+    for step in steps:
+        with store.write_step("weights", step) as tmp:
+            (tmp / "model.safetensors").write_bytes(bytes(range(64)))
+
+
+def test_servers_pass_over_a_damaged_newest_step_and_refuse_a_named_one(store, caplog):
+    """``--weights-step latest`` (what a restarted stage's servers start from) takes the newest
+    step that verifies, warning about the others; ``--weights-step N`` of a damaged step is a
+    one-line error naming the file, never a load that fails deep in the backend."""
+    from deepscaler.inference.server import BASE_STEP, resolve_start
+    from deepscaler.store import StepCorrupt
+
+    _placeholder_steps(store, (1, 2, 3))
+    os.truncate(store.step_path("weights", 3) / "model.safetensors", 10)
+    (store.step_path("weights", 2) / "model.safetensors").write_bytes(bytes(64))  # same size
+    with caplog.at_level("WARNING"):
+        assert resolve_start(store, "latest") == 1
+    assert "step_3: model.safetensors has 10 bytes, manifest says 64" in caplog.text
+    assert "step_2: model.safetensors does not match the checksum" in caplog.text
+    with pytest.raises(StepCorrupt) as info:
+        resolve_start(store, "3")
+    assert "\n" not in str(info.value) and "step_3: model.safetensors has 10 bytes" in str(info.value)
+    assert resolve_start(store, "1") == 1
+    os.truncate(store.step_path("weights", 1) / "model.safetensors", 0)
+    assert resolve_start(store, "latest") == BASE_STEP  # none left: the base model, as in a fresh stage
