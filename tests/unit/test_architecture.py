@@ -141,3 +141,13 @@ def test_the_checker_catches_a_cycle_and_a_forbidden_arrow(tmp_path):
     assert any(p.startswith("deepscaler/store.py:2 imports deepscaler.orchestrator") for p in problems)
     assert any(p.startswith("deepscaler/trainer/loss.py:1 imports deepscaler.store") for p in problems)
     assert any(p.startswith("import cycle deepscaler.orchestrator <-> deepscaler.store") for p in problems)
+
+
+def test_test_files_have_unique_basenames() -> None:
+    """pytest imports test modules by basename (rootdir mode, no packages): two test files of
+    one name stop the whole suite at collection."""
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, Path] = {}
+    for path in sorted(tests.rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a basename"
+        seen[path.name] = path
