@@ -179,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
         return 0
     root = Path(configs[0].run.output_dir)
-    if root.exists() and not root.is_dir():
-        print(f"error: run.output_dir '{root}' is a file, not a directory", file=sys.stderr)
+    try:
+        if root.exists() and not root.is_dir():
+            print(f"error: run.output_dir '{root}' is a file, not a directory", file=sys.stderr)
+            return 2
+    except OSError as e:  # a folder on its way that this user may not enter (another user's)
+        print(f"error: {unusable_output_dir(root, e)}", file=sys.stderr)
         return 2
     first = RunStore(configs[0].run.output_dir, configs[0].run.name, configs[0].run.stage)
     from deepscaler.run_lock import live_holder, refusal
@@ -221,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in configs:
             RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage).ensure_dirs()
     except OSError as e:
-        print(f"error: run.output_dir '{configs[0].run.output_dir}': cannot create "
-              f"{e.filename or 'the run directory'}: {e.strerror}", file=sys.stderr)
+        print(f"error: {unusable_output_dir(configs[0].run.output_dir, e)}", file=sys.stderr)
         return 2
     if args.resume_step == "latest" and not first.stable_steps("checkpoints"):
         print(f"notice: --resume-step latest: no checkpoint in {first.checkpoints_dir}; starting from step 0 "
@@ -259,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(store), flush=True)
     print(next_steps(store), flush=True)
     return 0
+
+
+def unusable_output_dir(root, err: OSError) -> str:
+    """One line for an output dir this user cannot make or enter (read-only, full, another user's)."""
+    return f"run.output_dir '{root}': cannot create {err.filename or 'the run directory'}: {err.strerror}"
 
 
 if __name__ == "__main__":

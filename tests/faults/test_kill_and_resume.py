@@ -26,7 +26,17 @@ def reference(reference_stage):
 @pytest.mark.parametrize("victim,seed", [pytest.param(v, s, marks=() if v == "trainer" else pytest.mark.trial)
                                          for v, s in zip(VICTIMS, (11, 12, 13))])
 def test_kill_then_resume_gives_the_same_weights(reference, tmp_path: Path, victim: str, seed: int) -> None:
-    trial = run_trial(tmp_path, reference, STEPS, seed, victim)
+    trial = run_trial(tmp_path, reference, STEPS, seed, victim)  # raises when there was no live victim to kill
+    # The kill landed and stopped the stage: the victim is gone, the submit failed; a worker's
+    # death is named with its signal (a server's may surface first as the orchestrator's error).
+    assert trial.killed_pid is not None and not Path(f"/proc/{trial.killed_pid}/cmdline").exists(), trial
+    assert trial.launcher_exit not in (None, 0), trial
+    if victim != "server0":
+        assert trial.launcher_error.startswith(f"error: {victim} exited with code -9 "), trial
+    # and a resume happened: a second attempt in metrics.jsonl, whose restart point (None before
+    # the first checkpoint) is the one the trainer started from, and that finished the stage
+    assert trial.attempts >= 1 and len(trial.resumes) >= 1 and trial.resumed_from is not None, trial
+    assert int(trial.resumes[0] or 0) == trial.resumed_from, trial
     assert not trial.corrupt, trial.corrupt
     assert trial.recovered, trial
     assert trial.steps_lost <= 2, trial  # at most checkpoint.interval steps are computed again

@@ -84,6 +84,10 @@ class Trial:
     killed_at_weights: int | None = None  # newest stable weights step when the kill landed
     resumed_from: int | None = None  # checkpoint the resume started from
     attempts: int = 0  # resume submissions until success
+    killed_pid: int | None = None  # the victim's pid, alive (not a zombie) when SIGKILL was sent
+    launcher_exit: int | None = None  # the interrupted submit's exit code (non-zero: the stage stopped)
+    launcher_error: str = ""  # its "error: " line: "error: <victim> exited with code -9 ..." for a worker
+    resumes: tuple[str | None, ...] = ()  # "resume" of each launcher "attempt" after the first (the resumes)
     identical: bool = False
     corrupt: tuple[str, ...] = ()
     error: str = ""
@@ -100,27 +104,58 @@ class Trial:
         return self.identical and not self.corrupt and not self.error
 
 
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (``Z``: a zombie); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def kill_victim(store: RunStore, victim: str) -> int:
+    """SIGKILL the victim and wait until it is gone; its pid. Raises when there is no live
+    victim to kill: a trial without a kill proves nothing, so it must not pass."""
+    pid = process_of(store, victim)
+    if pid is None or _state(pid) in (None, "Z"):
+        raise RuntimeError(f"no live {victim} process of {store.run_yaml} to kill (pid {pid}): "
+                           "the stage ended before the kill, or the process lookup is broken")
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(600):  # reaped by the launcher, or at least dead (a zombie), within a minute
+        if _state(pid) in (None, "Z"):
+            return pid
+        time.sleep(0.1)
+    raise RuntimeError(f"{victim} (pid {pid}) still runs a minute after SIGKILL")
+
+
+def launcher_attempts(store: RunStore) -> list[dict]:
+    """The launcher's "attempt" records, oldest first: one per submission that started the
+    stage's processes. ``resume`` is the checkpoint it restarted from (None: none yet)."""
+    return [r for r in store.read_metrics().records if r.get("source") == "launcher" and r.get("event") == "attempt"]
+
+
 def run_trial(out: Path, reference: RunStore, steps: int, seed: int, victim: str | None = None) -> Trial:
     rng = random.Random(seed)
     trial = Trial(seed, victim or rng.choice(VICTIMS), round(rng.uniform(0.0, 12.0), 1))
     store = RunStore(out, "tiny", 1)
-    launcher = subprocess.Popen(submit_argv(out, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                cwd=REPO)
+    out.mkdir(parents=True, exist_ok=True)
+    launcher_log = out / "interrupted-submit.stderr"
+    with open(launcher_log, "w") as err:
+        launcher = subprocess.Popen(submit_argv(out, steps), stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
     try:
         # Start the clock once the loop is running (the first rollouts exist), then wait the delay.
         deadline = time.monotonic() + 300
         while not store.is_stable("rollouts", 0) and launcher.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(trial.delay_s)
-        pid = process_of(store, trial.victim)
         trial.killed_at_weights = store.latest_stable("weights")
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-        launcher.wait(timeout=300)
+        trial.killed_pid = kill_victim(store, trial.victim)
+        trial.launcher_exit = launcher.wait(timeout=300)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+    lines = launcher_log.read_text(errors="replace").strip().splitlines()
+    trial.launcher_error = next((line for line in lines if line.startswith("error: ")), "")
     before = len(trainer_starts(store))
     for attempt in range(1, 4):
         if store.is_stable("weights", steps):
@@ -132,6 +167,7 @@ def run_trial(out: Path, reference: RunStore, steps: int, seed: int, victim: str
             trial.resumed_from = trainer_starts(store)[before]["resumed_from"] or 0
         if resume.returncode != 0:
             trial.error = resume.stderr.strip().splitlines()[-1] if resume.stderr.strip() else f"exit {resume.returncode}"
+    trial.resumes = tuple(r.get("resume") for r in launcher_attempts(store)[1:])
     trial.corrupt = tuple(corrupt_stable_steps(store))
     if store.is_stable("weights", steps):
         trial.error = ""

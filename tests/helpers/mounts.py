@@ -37,9 +37,12 @@ def read_only(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A real filesystem of ``size`` (e.g. "160M") mounted on the empty folder ``path``."""
-    _require(_mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)), f"a tmpfs on {path}")
+def tmpfs(path: Path, size: str, inodes: int | None = None) -> Iterator[Path]:
+    """A real filesystem of ``size`` (e.g. "160M") mounted on the empty folder ``path``; with
+    ``inodes`` that many files at most (1: its root only, so even mkdir finds the disk full,
+    which it does not for lack of space alone)."""
+    options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+    _require(_mount("-t", "tmpfs", "-o", options, "tmpfs", str(path)), f"a tmpfs on {path}")
     try:
         yield path
     finally:

@@ -134,6 +134,10 @@ def test_weight_update_changes_outputs_and_passes_the_probe(server, run):
 
 def test_update_refuses_unstable_and_foreign_folders(server, run):
     store = run[1]
+    server.update_weights(1, store.step_path("weights", 1))
+    probe = read_probe(store.step_path("weights", 1))["token_ids"]
+    before = server.probe(probe)
+    assert before[0] == 1
     (store.weights_dir / "step_9").mkdir()  # no STABLE marker: unfinished or being deleted
     try:
         with pytest.raises(ServerError, match=r"HTTP 409: .*step_9 exists but has no STABLE marker") as e:
@@ -145,7 +149,9 @@ def test_update_refuses_unstable_and_foreign_folders(server, run):
         server.update_weights(5, store.step_path("weights", 5))
     with pytest.raises(ServerError, match="HTTP 400: path .* is not weights/step_1 of this run"):
         server.update_weights(1, store.step_path("weights", 0))
-    assert server.health()["weight_step"] >= 0  # refused updates leave the weights alone
+    # Refused updates leave the weights alone: the same step, the same log-probs.
+    assert server.health()["weight_step"] == 1
+    assert server.probe(probe) == before
 
 
 def test_requests_need_the_token(server):

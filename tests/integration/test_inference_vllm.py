@@ -134,12 +134,14 @@ def test_forced_in_place_reload_is_verified_then_sigterm_stops_cleanly(run):
         engine = engine_processes(proc)
         report = sync_weights(client, store, 1)
         assert (report["method"], report["prefix_cache_reset"], report["weight_step"]) == ("reload", True, 1)
-        assert report["seconds"] < 5
+        # In place, not by a restart (no clock: the engine processes are the same ones, alive)
+        assert engine and {p.pid for p in engine_processes(proc)} == {p.pid for p in engine}
+        assert all(p.is_running() for p in engine)
     finally:
         start = time.monotonic()
         code = stop(proc, signal.SIGTERM)
     assert code == 0 and time.monotonic() - start < 30
-    assert gone(engine, timeout_s=5)
+    assert gone(engine, timeout_s=30)  # at once, normally: the bound only ends a failing wait
     assert "vllm-reload" not in store.read_server_addresses()
     log = (store.logs_dir / "vllm-reload.log").read_text()
     assert "stopped (exit 0)" in log and "terminate called" not in log

@@ -51,6 +51,7 @@ def test_against_the_samplers_log_probs_the_first_update_clips_on_noise(tmp_path
 
 def test_sampling_ahead_weights_each_token_by_a_truncated_ratio(tmp_path: Path) -> None:
     records = run(tmp_path, "orchestrator.async_level=1")
+    assert len(records) == 3  # an empty list would pass the loop below
     for r in records:
         assert r["first_update_ratio_mean"] == 1.0, r
         assert 0.0 < r["tis_weight_mean"] <= 2.0 and 0.0 <= r["tis_clipped_fraction"] < 1.0, r

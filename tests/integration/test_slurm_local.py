@@ -78,17 +78,18 @@ def test_array_tasks_run_at_once(slurm_cluster, tmp_path):
         "#!/bin/bash\n"
         "#SBATCH --job-name=array-smoke --output=array-%A_%a.out --time=2\n"
         "#SBATCH --array=0-2 --ntasks=1 --cpus-per-task=1 --mem=100M\n"
-        "date +%s.%N > start$SLURM_ARRAY_TASK_ID\n"
-        "sleep 2\n"
-        "date +%s.%N > end$SLURM_ARRAY_TASK_ID\n"
+        # A barrier, not a clock: each task waits (up to 60 s) until all three have started, and
+        # says which it saw. Tasks run one after another would each see only the earlier ones.
+        "touch start$SLURM_ARRAY_TASK_ID\n"
+        "for i in $(seq 600); do [ -e start0 ] && [ -e start1 ] && [ -e start2 ] && break; sleep 0.1; done\n"
+        "ls start* > saw$SLURM_ARRAY_TASK_ID\n"
     )
     job_id = sbatch(script)
     expected = {f"{job_id}_{k}" for k in range(3)}
-    states = wait_states(job_id, expected)
+    states = wait_states(job_id, expected, timeout_s=240)
     assert {k: states[k] for k in expected} == dict.fromkeys(expected, "COMPLETED"), logs(tmp_path)
-    starts = [float((tmp_path / f"start{k}").read_text()) for k in range(3)]
-    ends = [float((tmp_path / f"end{k}").read_text()) for k in range(3)]
-    assert max(starts) < min(ends), f"array tasks ran one after another: starts {starts}, ends {ends}"
+    saw = {k: (tmp_path / f"saw{k}").read_text().split() for k in range(3)}
+    assert saw == dict.fromkeys(range(3), ["start0", "start1", "start2"]), f"array tasks ran one after another: {saw}"
 
 
 def test_submitit_submit_and_result(slurm_cluster, tmp_path):

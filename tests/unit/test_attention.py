@@ -74,6 +74,8 @@ def test_auto_on_cuda_picks_a_varlen_kernel(monkeypatch):
 
 
 def test_kernels_that_cannot_run_here_are_one_line_errors(monkeypatch):
+    # Simulated boundary: flash-attn, a GPU-only package (absent here anyway; pinned so a
+    # machine that has it still tests the refusal).
     monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
     for impl, words in (("flash_attention_2", "flash-attn"), ("flex_attention", "CPU")):
         with pytest.raises(attention.AttentionError) as err:

@@ -6,7 +6,7 @@ that no traceback reaches the terminal)."""
 
 from __future__ import annotations
 
-import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,37 +132,79 @@ def test_resume_step_0_and_latest_are_accepted_syntax():
     assert [parse_resume_step(t) for t in (None, "latest", "0", "12", " 7 ")] == [None, "latest", 0, 12, 7]
 
 
-def test_resume_latest_without_a_checkpoint_says_it_starts_from_step_0(tmp_path, monkeypatch, capsys):
-    """A mistyped output dir would otherwise start a new run silently (here the run then stops at
-    the next check: an unknown key is not the point, the notice before it is)."""
+def test_resume_latest_without_a_checkpoint_says_it_starts_from_step_0(tmp_path):
+    """A mistyped output dir would otherwise start a new run silently. A real run says so, and
+    is then stopped with Ctrl-C (SIGINT), as a user who sees the notice would."""
+    import signal
+
+    run = subprocess.Popen([sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny-random",
+                            "--executor", "local", "--output-dir", str(tmp_path), "--resume-step", "latest"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline().startswith("# stage 1")  # the stage has started
+        run.send_signal(signal.SIGINT)
+        err = run.stderr.read()
+        code = run.wait(timeout=120)
+    finally:
+        run.kill()
+        run.wait()
+    assert code == 130, (code, err)
+    first, *_, last = err.splitlines()
+    assert first.startswith(f"notice: --resume-step latest: no checkpoint in {tmp_path}")
+    assert "starting from step 0" in first
+    assert last.startswith("interrupted: every process of the stage was stopped")
+
+
+@pytest.mark.parametrize("fault, text", [("read-only", "Read-only file system"), ("full", "No space left on device")])
+def test_an_unusable_output_dir_is_one_line_before_anything_runs(fault, text, tmp_path, monkeypatch, capsys):
+    """A real read-only mount and a real full disk (a tmpfs with no inode left): submit says so
+    in one line and starts nothing. run_stage is a spy, so that a broken check fails here at
+    once instead of running a stage."""
     from deepscaler import submit
+    from tests.helpers.mounts import read_only, tmpfs
 
-    monkeypatch.setattr("deepscaler.launch.run_stage", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    code = submit.main(["--stage", "1", "--preset", "tiny-random", "--executor", "local", "--output-dir", str(tmp_path),
-                        "--resume-step", "latest"])
-    err = capsys.readouterr().err
-    assert code == 130 and "notice: --resume-step latest: no checkpoint in" in err and "starting from step 0" in err
-
-
-@pytest.mark.parametrize("code, text", [(errno.EROFS, "Read-only file system"), (errno.ENOSPC, "No space left on device"),
-                                        (errno.EACCES, "Permission denied")])
-def test_an_unusable_output_dir_is_one_line_before_anything_runs(code, text, tmp_path, monkeypatch, capsys):
-    """Simulated boundary: the filesystem (a read-only mount, a full disk, a directory of another
-    user), as mkdir's OSError; submit must say so in one line and start nothing."""
-    from deepscaler import submit
-
-    real_mkdir = Path.mkdir
-    out = tmp_path / "out"
-
-    def mkdir(self, *args, **kwargs):
-        if self == out or out in self.parents:
-            raise OSError(code, text, str(self))
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", mkdir)
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    out = fs / "out"
     started = []
     monkeypatch.setattr("deepscaler.launch.run_stage", lambda *a, **k: started.append(a))
-    assert submit.main(["--stage", "1", "--preset", "tiny-random", "--executor", "local", "--output-dir", str(out)]) == 2
+    with (read_only(fs) if fault == "read-only" else tmpfs(fs, "64k", inodes=1)):
+        assert submit.main(["--stage", "1", "--preset", "tiny-random", "--executor", "local",
+                            "--output-dir", str(out)]) == 2
+        assert not out.exists()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: run.output_dir '{out}': cannot create {out}")
     assert err.endswith(f": {text}\n") and started == []
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o700], ids=["not-writable", "not-enterable"])
+def test_an_output_dir_in_another_users_folder_is_one_line_before_anything_runs(mode):
+    """A real folder of another user: submit runs as ``nobody`` (setpriv) when the tests run as
+    root, whom mode bits do not stop; else as this user, with the folder's write and search bits
+    taken away. One line, exit 2, nothing started (an unenterable folder was a traceback)."""
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="deepscaler-perm-"))  # in /tmp: every user may enter it
+    top.chmod(0o755)
+    folder = top / "theirs"
+    folder.mkdir()
+    out = folder / "out"
+    argv = [sys.executable, "-m", "deepscaler.submit", "--stage", "1", "--preset", "tiny-random", "--executor", "local",
+            "--output-dir", str(out)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is not installed")
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    else:
+        mode &= 0o500
+    folder.chmod(mode)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+    finally:
+        folder.chmod(0o700)
+        shutil.rmtree(top)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: run.output_dir '{out}': cannot ") and \
+        done.stderr.endswith(": Permission denied\n"), done.stderr
+    assert done.stdout == "" and not out.exists()

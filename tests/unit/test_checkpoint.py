@@ -186,7 +186,8 @@ def test_a_published_step_is_not_overwritten(stage0_checkpoint, store):
 
 
 def test_works_without_torch_distributed(store, monkeypatch):
-    """A lone rank with a plain torch optimizer needs no process group."""
+    """A lone rank with a plain torch optimizer needs no process group. Simulated: "no process
+    group", since other tests of this process may have started one (``dist``)."""
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
 
     def engine(seed):

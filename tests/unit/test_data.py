@@ -1,5 +1,6 @@
 """Problem sets: bundled benchmarks and train parts, file formats, bad records, the Hub cache, prompts."""
 
+import hashlib
 import json
 import logging
 import sys
@@ -69,14 +70,38 @@ def test_unknown_benchmark_lists_the_known_names():
 
 
 OWN = {"additions.json"}  # written by this project (bundled/README.md), not a copy
+# Git blob hashes of the upstream files (agentica-project/deepscaler at the commit that
+# bundled/README.md names, directory deepscaler/data/), checked against the shared copies
+# when they were bundled. `git hash-object` of a bundled file must give the same.
+UPSTREAM_BLOBS = {
+    "test/aime.json": "e1a705f2a03b9f8a0c4a2d334fc71eddc30bad7d",
+    "test/amc.json": "ac11f74f22c4b79e9bf4aca53c885fcd35413749",
+    "test/math.json": "0e3f122e6be5c99a0123adfdf4b4fe1bc8e861cc",
+    "test/minerva.json": "01569be85b1df9007fa0bb4068a022da7606586b",
+    "test/olympiad_bench.json": "efcd0ebe99a97294b9e1f0496ef2e6557c6eb924",
+    "train/aime.json": "4b4fb24fca49106b34cc403b1c9211824a865d7c",
+    "train/math.json": "c923136ffca0882f05e5c9ac4b210d5a1fecee4f",
+}
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="no shared data folder to compare with")
-def test_bundled_files_are_byte_identical_to_the_shared_copies():
-    bundled = sorted(p.relative_to(data.BUNDLED_DIR) for p in data.BUNDLED_DIR.glob("*/*.json") if p.name not in OWN)
-    shared = sorted(p.relative_to(SHARED_DATA) for p in SHARED_DATA.glob("*/*.json"))
-    assert bundled == shared
-    assert all((data.BUNDLED_DIR / p).read_bytes() == (SHARED_DATA / p).read_bytes() for p in bundled)
+def git_blob_hash(path: Path) -> str:
+    """What ``git hash-object`` prints: sha1 of "blob <size>\\0" and the bytes."""
+    content = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+def test_bundled_files_are_byte_identical_to_the_upstream_copies():
+    """Runs in CI: the hashes ship with the test, no folder outside the repository is read."""
+    bundled = {p.relative_to(data.BUNDLED_DIR).as_posix(): p for p in data.BUNDLED_DIR.glob("*/*.json")
+               if p.name not in OWN}
+    assert sorted(bundled) == sorted(UPSTREAM_BLOBS)
+    assert {rel: git_blob_hash(p) for rel, p in bundled.items()} == UPSTREAM_BLOBS
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="no shared data folder: the hashes above hold the check")
+def test_the_upstream_hashes_are_those_of_the_shared_copies():
+    shared = {p.relative_to(SHARED_DATA).as_posix(): git_blob_hash(p) for p in SHARED_DATA.glob("*/*.json")}
+    assert shared == UPSTREAM_BLOBS
 
 
 def test_the_toy_additions_are_every_pair_of_digits_once():

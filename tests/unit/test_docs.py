@@ -234,3 +234,33 @@ def test_relative_links_resolve(name):
         if anchor:
             headings = re.findall(r"^#+ (.+)$", file.read_text(encoding="utf-8"), flags=re.M)
             assert anchor in {slug(h) for h in headings}, f"{name}: no heading for #{anchor} in {file.name}"
+
+
+# --------------------------------------------------------------------------- docs/testing.md: promises -> tests
+
+TEST_REF = re.compile(r"`(tests/[\w/]+\.py)::(\w+)`")
+
+
+def defined_tests(path: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.name.startswith("test")}
+
+
+def test_every_promise_names_a_test_that_exists_or_says_it_has_none():
+    """A renamed or deleted test must not leave a promise pointing at nothing."""
+    text = (DOCS / "testing.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Promise")]
+    assert len(rows) >= 40, "docs/testing.md lost its tables"
+    for row in rows:
+        assert TEST_REF.search(row) or "no test:" in row, f"docs/testing.md: a promise with no test named: {row[:90]}"
+    cache: dict[str, set[str]] = {}
+    for path, name in TEST_REF.findall(text):
+        if path not in cache:
+            assert (REPO / path).is_file(), f"docs/testing.md names {path}, which does not exist"
+            cache[path] = defined_tests(REPO / path)
+        assert name in cache[path], f"docs/testing.md names {path}::{name}, which is not a test there"
+    assert "testing.md" in (DOCS / "design.md").read_text() and "docs/testing.md" in (REPO / "README.md").read_text()
+    test_relative_links_resolve("testing.md")

@@ -6,6 +6,7 @@ Weights steps here are STABLE-marked folders with placeholder files: nothing loa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 from dataclasses import replace
@@ -38,6 +39,8 @@ def make_run(root: Path, run: str = "tiny", steps=(0, 1, 2), *overrides: str) ->
 
 
 def fake_eval(store: RunStore, what, bench: str, n: int = 1) -> None:
+    """A result file as a finished eval writes it, without the eval's minute of sampling (kept
+    for speed). Real counterpart: tests/integration/test_eval_run.py::test_same_seed_same_numbers."""
     summary = {"benchmark": bench, "step": what, "model": "tiny", "samples_per_problem": n, "pass_k": 1,
                "avg_at_n": 0.25, "pass_at_k": 0.5, "length_mean": 40.0, "length_std": 3.0, "length_min": 30.0,
                "length_max": 64.0, "truncated_rate": 0.5, "wall_time_s": 2.0, "temperature": 0.6, "top_p": 0.95,
@@ -185,7 +188,15 @@ def test_eval_files_layout_and_base_first(tmp_path: Path) -> None:
     fake_eval(store, "base", "aime2024")
     assert store.eval_path("base", "aime2024") == store.evals_dir / "base" / "aime2024.json"
     assert store.eval_path(2, "math500") == store.evals_dir / "step_2" / "math500.json"
-    assert list(store.read_evals()) == ["base", 2, 10]
+    # The files are where the layout says, and reading them back gives what was written, in
+    # step order (10 after 2, though "step_10" sorts first as text), the base model first.
+    on_disk = sorted(p.relative_to(store.evals_dir).as_posix() for p in store.evals_dir.rglob("*.json"))
+    assert on_disk == ["base/aime2024.json", "step_10/math500.json", "step_2/math500.json"]
+    (store.evals_dir / "step_2" / ".math500.json.tmp-1").write_text("{")  # an unfinished write: ignored
+    evals = store.read_evals()
+    assert list(evals) == ["base", 2, 10] and list(evals[2]) == ["math500"]
+    assert evals[2]["math500"] == json.loads((store.evals_dir / "step_2" / "math500.json").read_text())
+    assert evals[2]["math500"]["summary"]["step"] == 2 and evals["base"]["aime2024"]["summary"]["step"] == "base"
 
 
 def test_pending_markers_protect_weights_from_retention(tmp_path: Path) -> None:
@@ -236,6 +247,9 @@ def test_tasks_run_the_same_entry_point(tmp_path: Path) -> None:
 
 
 def test_a_task_calls_the_run_function_and_a_requeue_skips_what_is_done(tmp_path: Path, monkeypatch, capsys) -> None:
+    """run_eval is a spy here (kept for speed: a real one samples for a minute); the requeue's
+    request is the point. Real counterpart of a task running run_eval:
+    tests/integration/test_eval_sweep.py::test_sweep_is_one_array_with_a_task_per_step."""
     store = make_run(tmp_path)
     args = argparse.Namespace(preset=None, seed=None, force=True, overrides=[])
     request = task_request(store, 2, ["math500"], args)

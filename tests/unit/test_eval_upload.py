@@ -77,15 +77,30 @@ def test_dry_run_lists_files_and_prints_the_card(store, capsys) -> None:
 
 
 def test_upload_is_one_commit_with_files_and_card(store) -> None:
+    """What the code computes, checked at the fake Hub (the boundary): the repository, the
+    paths and bytes sent (the step's own files, the card), the commit message."""
+    with store.write_step("weights", 3) as tmp:  # contents of its own: another step's files would show
+        (tmp / "config.json").write_text('{"step": 3}')
+        (tmp / "model.safetensors").write_bytes(b"step 3 weights")
     api = FakeHubApi()
-    url = upload_step(store, 2, "me/tiny-repro", private=True, api=api)
-    assert url == "https://huggingface.co/me/tiny-repro/commit/abc"
+    upload_step(store, 3, "me/tiny-repro", private=True, api=api)
     (name, repo, private, kind, exist_ok), commit = api.calls
     assert (name, repo, private, kind, exist_ok) == ("create_repo", "me/tiny-repro", True, "model", True)
-    ops = commit[2]
-    assert [op.path_in_repo for op in ops] == ["config.json", "model.safetensors", "README.md"]
-    assert ops[-1].path_or_fileobj.decode().startswith("---\nlicense: mit")  # the card, from memory
-    assert commit[3] == "deepscaler run tiny stage 1 step 2"
+    assert (commit[0], commit[1], commit[4]) == ("create_commit", "me/tiny-repro", "model")  # the same repository
+    assert [op.path_in_repo for op in commit[2]] == ["config.json", "model.safetensors", "README.md"]
+    assert sent(api) == {"config.json": b'{"step": 3}', "model.safetensors": b"step 3 weights",
+                         "README.md": model_card(store, 3, "me/tiny-repro").encode()}  # the card, from memory
+    assert commit[3] == "deepscaler run tiny stage 1 step 3"
+
+
+def test_the_url_returned_is_the_hubs_commit_url_or_the_repository(store) -> None:
+    class NoUrl(FakeHubApi):
+        def create_commit(self, *a, **k):
+            super().create_commit(*a, **k)
+            return object()  # an older huggingface_hub: no commit_url
+
+    assert upload_step(store, 2, "me/tiny-repro", api=FakeHubApi()) == "https://huggingface.co/me/tiny-repro/commit/abc"
+    assert upload_step(store, 2, "me/tiny-repro", api=NoUrl()) == "https://huggingface.co/me/tiny-repro"
 
 
 def test_hub_errors_are_one_line(store) -> None:

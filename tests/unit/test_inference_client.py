@@ -3,6 +3,14 @@
 A real server never sends a malformed answer, so these tests talk to a deliberately broken
 one: a standard-library HTTP server that replies with canned bodies (the unreachable boundary
 of "a server with a bug", named as such).
+
+Where a stand-in plays a well-behaved server (a well-formed answer, a slow generation, a
+frozen process: ``stoppable``), it is kept for speed, since a real server takes 15-20 s to
+start; the real counterparts are tests/integration/test_inference_hf.py (the same client
+against a real server: test_generate_shape_and_seeded_determinism,
+test_wait_for_servers_reports_a_server_that_dies_at_start) and
+tests/faults/test_hung_server.py::test_a_frozen_server_fails_the_stage_with_one_line_naming_it
+(a real server frozen with SIGSTOP).
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ def sample(n_tokens: int = 2, **changes) -> dict:
 
 
 def test_generate_parses_a_well_formed_answer_and_sends_the_contract(broken):
+    """Real counterpart: tests/integration/test_inference_hf.py::test_generate_shape_and_seeded_determinism."""
     broken.reply({"weight_step": 3, "results": [[sample(), sample(1, finish_reason="stop", truncated=False)]]})
     client = InferenceClient("server0", broken.address, token="secret")
     gen = client.generate([[5, 6]], n=2, max_tokens=4, temperature=0.6, top_p=1.0, seed=9)
@@ -141,7 +150,7 @@ def test_wait_for_servers_skips_an_impostor_then_finds_the_right_one(tmp_path, b
     with pytest.raises(ServerError, match=r"not ready within 1 s \(announced .* answers as 'server7'"):
         wait_for_servers(store, ["server0"], timeout_s=1.0, poll_s=0.1)
     broken.reply({"status": "ok", "weight_step": 0, "name": "server0"})
-    clients = wait_for_servers(store, ["server0"], timeout_s=5.0, poll_s=0.1)
+    clients = wait_for_servers(store, ["server0"], timeout_s=60, poll_s=0.1)  # at once; 60 s ends only a bad wait
     assert clients["server0"].address == broken.address
 
 
@@ -204,9 +213,11 @@ def stoppable():
 
 
 def test_a_request_to_a_frozen_server_is_given_up_after_the_liveness_bound(stoppable, monkeypatch):
+    """A stand-in server, frozen for real (SIGSTOP). Real counterpart:
+    tests/faults/test_hung_server.py::test_a_frozen_server_fails_the_stage_with_one_line_naming_it."""
     monkeypatch.delenv("DEEPSCALER_SERVER_TOKEN", raising=False)
     proc, address = stoppable
-    client = InferenceClient("server0", address, timeout_s=3600, liveness_timeout_s=2)
+    client = InferenceClient("server0", address, timeout_s=30, liveness_timeout_s=2)  # 30: a broken check fails, not hangs
     assert client.health()["name"] == "server0"
     os.kill(proc.pid, signal.SIGSTOP)
     start = time.monotonic()

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import torch
 
+from deepscaler.config import stage_config
 from deepscaler.inference.client import Sample
-from deepscaler.orchestrator import next_batch, permutation, small_data_note, stage_steps, step_stats
+from deepscaler.orchestrator import (next_batch, permutation, resume_point, small_data_note, stage_steps,
+                                     step_stats)
+from deepscaler.rollouts import META_FILE, write_rollout
+from deepscaler.store import RunStore
+from tests.unit.test_rollouts import make_rollout
 from deepscaler.progress import line, step_rows
 
 
@@ -28,16 +36,24 @@ def test_batches_cover_an_epoch_without_repeats_and_cross_into_the_next() -> Non
     assert progress == {"seed": 3, "epoch": 1, "cursor": 2}
 
 
-def test_resuming_from_saved_progress_continues_the_same_order() -> None:
-    """A restart resumes from the progress saved in a rollout: same problems as no restart."""
+def test_resuming_from_saved_progress_continues_the_same_order(tmp_path) -> None:
+    """A restart resumes from the progress saved in a rollout: same problems as no restart.
+    The progress goes the real way: into a published rollout's JSON (write_rollout), and back
+    through the orchestrator's own resume_point, as after a restart."""
     straight, p = [], {"seed": 0, "epoch": 0, "cursor": 0}
     for _ in range(5):
         batch, p = next_batch(7, 3, p)
         straight.append(batch)
+    store = RunStore(tmp_path, "exp", 1)
+    store.ensure_dirs()
     resumed, p = [], {"seed": 0, "epoch": 0, "cursor": 0}
-    for i in range(5):
-        if i == 2:
-            p = dict(p)  # as read back from JSON
+    for step in range(2):  # the first attempt: two steps published, then it dies
+        batch, p = next_batch(7, 3, p)
+        resumed.append(batch)
+        write_rollout(store, step, replace(make_rollout(step), extra={"progress": p, "final": False}))
+    first, p = resume_point(stage_config(1, "tiny-random"), store, None, 0)  # the restart
+    assert first == 2 and json.loads((store.step_dir("rollouts", 1) / META_FILE).read_text())["extra"]["progress"] == p
+    for _ in range(3):
         batch, p = next_batch(7, 3, p)
         resumed.append(batch)
     assert resumed == straight

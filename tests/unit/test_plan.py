@@ -42,14 +42,14 @@ def test_the_default_stages_fit_80_gib(stage):
     assert p["inference"]["concurrent_sequences"] > 0 and p["time"]["gpu_hours"] > 0
 
 
-def test_stage_3_without_checkpointing_does_not_fit_and_submit_refuses_it(tmp_path, monkeypatch, capsys):
+@pytest.mark.slurm
+def test_stage_3_without_checkpointing_does_not_fit_and_submit_refuses_it(tmp_path, slurm_cluster, capsys):
+    """Submitted to the real local Slurm (its sbatch, as on a login node): refused before any job."""
     off = "trainer.deepspeed.activation_checkpointing=false"
     p = plan.plan(stage_config(3, None, [off]))
     assert not p["fits"] and p["trainer_peak_gib"] > 80
     from deepscaler import submit
 
-    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")  # as on a login node
-    monkeypatch.setattr("deepscaler.plan.plan", lambda cfg, assume=None: p)  # the plan just computed
     code = submit.main(["--stage", "3", "--executor", "slurm", "--output-dir", str(tmp_path), off])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "trainer.deepspeed.activation_checkpointing=true" in err

@@ -180,7 +180,9 @@ def test_publish_refuses_a_stable_step(store, tiny_tokenizer, vocab):
 
 
 def test_probe_beside_the_writes(store, tiny_tokenizer, vocab, monkeypatch):
-    """The accelerator path (probe forward in a thread during the writes), forced on CPU."""
+    """The accelerator path (probe forward in a thread during the writes), forced on CPU.
+    Simulated boundary: the GPU (``_overlap_probe`` says whether the device is one); and a
+    probe whose forward fails, as it does there (out of memory), injected by hand."""
     monkeypatch.setattr(P, "_overlap_probe", lambda device: True)
     model = tiny_model(vocab)
     path = publish_weights(store, 1, model, tiny_tokenizer)

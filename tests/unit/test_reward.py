@@ -1,5 +1,6 @@
 """The DeepScaleR reward: answer extraction, normalisation, math-verify, and the deadline pool."""
 
+import inspect
 import os
 import signal
 import threading
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from deepscaler import reward
-from deepscaler.reward import BatchScorer, compute_score, extract_answer, gold_answers, last_boxed, mathd_normalize
+from deepscaler.reward import (BatchScorer, compute_score, extract_answer, gold_answers, grade_answer, last_boxed,
+                               mathd_normalize)
 
 # Golds that arm the pool's fault hooks (deepscaler/faults.py) when DEEPSCALER_FAULT names them.
 HANG_GOLD, CRASH_GOLD = "hang-here", "crash-here"
@@ -119,8 +121,12 @@ def test_compute_score(response, ground_truth, expected):
 
 
 def test_case_table_is_big_enough():
+    """Big enough to mean something: many cases, unique names, and both verdicts well
+    represented (a table of only 1.0s would pass a grader that pays everything)."""
     assert len(CASES) >= 40
     assert len({c[0] for c in CASES}) == len(CASES)
+    verdicts = [c[3] for c in CASES]
+    assert set(verdicts) == {0.0, 1.0} and min(verdicts.count(0.0), verdicts.count(1.0)) >= 15
 
 
 def test_acceptance_example():
@@ -278,6 +284,8 @@ def test_batch_recovers_after_an_interrupted_call(monkeypatch):
 
 @pytest.mark.slow
 def test_batch_adversarial_items_hit_the_deadline():
+    """The deadline is the promise (these items hold a core for minutes without it): each is
+    killed within 3x its deadline, and the batch ends within 3x the deadlines of its bad items."""
     deadline = 2.0
     bad = [(ans("9^{9^{9^9}}"), "2"), (ans("2^{10^{10}}"), "3")]
     good = [(ans(str(i)), str(i)) for i in range(30)]
@@ -289,8 +297,8 @@ def test_batch_adversarial_items_hit_the_deadline():
         elapsed = time.monotonic() - start
         assert scores == [0.0 if p in bad else 1.0 for p in pairs]
         assert scorer.stats.timeouts == len(bad)
-        assert scorer.stats.max_item_s <= deadline + 1.0
-        assert elapsed <= len(bad) * (deadline + 1.0)
+        assert deadline <= scorer.stats.max_item_s <= 3 * deadline
+        assert elapsed <= 3 * len(bad) * deadline
         # The pool is whole again afterwards.
         assert len(scorer.pids) == 2 and all(_alive(pid) for pid in scorer.pids)
         assert scorer.score(good[:5]) == [1.0] * 5
@@ -360,9 +368,34 @@ def test_batch_scorer_rejects_bad_arguments():
         BatchScorer(workers=1, deadline_s=0)
 
 
-def test_module_documents_semantics():
-    doc = reward.__doc__
-    assert "</think>" in doc and "SIGALRM" in doc
+# The module doc's rules, each with the example it gives: the doc names it and the code keeps it.
+DOC_EXAMPLES = [
+    ("</think>", "no </think>: 0", "<think>work \\boxed{5}", "5", 0.0),
+    ("opening ``<think>`` may be\n  missing", "opening <think> missing", "work</think> so \\boxed{5}", "5", 1.0),
+    ("LAST ``\\boxed{...}``", "the last box counts", ans("6", "<think>w</think> \\boxed{5} no, "), "6", 1.0),
+    ("FIRST ``</think>``", "after the first </think>", "<think>a</think> \\boxed{6} </think> so", "6", 1.0),
+    ("appears only inside the reasoning does not count", "box only in the reasoning",
+     "<think>\\boxed{5}</think> five", "5", 0.0),
+    ("``\\fbox{...}`` counts", "fbox without boxed", "<think>w</think> \\fbox{5}", "5", 1.0),
+    ("``\\boxed 5``", "space form", "<think>w</think> \\boxed 5$", "5", 1.0),
+    ("never closed", "unclosed box", "<think>w</think> \\boxed{5", "5", 0.0),
+    ("an empty box", "empty box", ans(""), "5", 0.0),
+    ("None (always 0)", "None gold", ans("5"), None, 0.0),
+    ("AMC stores 142.0", "float gold", ans("142"), 142.0, 1.0),
+    ("a list of accepted forms", "list gold", ans("0.02"), ["0.01", "0.02"], 1.0),
+    ("reduced\n  to the box's content first", "boxed gold", ans("7"), "so \\boxed{7}", 1.0),
+    ("an unreduced ``\\frac{2}{4}``", "unreduced fraction", ans("\\frac{2}{4}"), "\\frac{1}{2}", 0.0),
+    ("``\\frac{80}{2}`` for 40\n  scores 0", "integer literal", ans("\\frac{80}{2}"), "40", 0.0),
+    ("``6{,}700``", "formatting removed", ans("6{,}700"), "6700", 1.0),
+    ("``\\mathbf{40}``", "bold removed", ans("\\mathbf{40}"), "40", 1.0),
+]
+
+
+@pytest.mark.parametrize("quote, name, response, gold, expected", DOC_EXAMPLES, ids=[e[1] for e in DOC_EXAMPLES])
+def test_module_documents_semantics(quote, name, response, gold, expected):
+    """The module doc is the reward's spec: each rule it states is there, and holds."""
+    assert quote in reward.__doc__
+    assert compute_score(response, gold) == expected
 
 
 @pytest.mark.parametrize("boxed, gold", [("\\frac{80}{2}", "40"), ("2^{10}", "1024"), ("6 \\cdot 7", "42"),
@@ -377,11 +410,18 @@ def test_an_integer_gold_needs_an_integer_literal_unless_configured(boxed, gold)
 
 
 def test_one_call_keeps_its_grading_budget_over_every_gold_form():
-    """Three gold forms used to get 5 s of math-verify each (15.4 s for this answer)."""
+    """Each gold form used to get a budget of its own (three forms: 15.4 s for this answer).
+    The bound is the promise: with a short budget (the parameter the default comes from) and
+    12 forms that each exhaust it, one call stays within 3x the budget; a budget per form would
+    take 12x. The default budget is what compute_score uses."""
+    budget = 2.0
+    forms = ["2^{32}", "4294967296", "2^{2^5}", "4^{16}", "16^{8}", "256^{4}", "65536^{2}", "2^{16} \\cdot 2^{16}",
+             "2^{31} \\cdot 2", "4^{8} \\cdot 4^{8}", "8^{10} \\cdot 4", "2^{30} \\cdot 4"]
     start = time.monotonic()
-    score = compute_score(ans("2^{2^{2^{5}}}"), ["2^{32}", "4294967296", "2^{2^5}"], literal_integers=False)
+    assert not grade_answer("2^{2^{2^{5}}}", forms, literal_integers=False, budget_s=budget)
     elapsed = time.monotonic() - start
-    assert score == 0.0 and elapsed <= reward.GRADING_BUDGET_S + 1.5, elapsed
+    assert elapsed <= 3 * budget, elapsed
+    assert inspect.signature(grade_answer).parameters["budget_s"].default == reward.GRADING_BUDGET_S
 
 
 def test_the_scorer_applies_the_integer_rule_it_is_given():

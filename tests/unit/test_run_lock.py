@@ -35,6 +35,63 @@ def plant(store: RunStore, **holder) -> None:
     (d / run_lock.HOLDER).write_text(json.dumps({"since": time.time(), **holder}))
 
 
+# --------------------------------------------------------------------------- real Slurm jobs
+# A holder's Slurm job is asked of the real squeue (the local cluster, as in CI): one job
+# runs for the whole module, one has ended. Their state is read here with a squeue call of
+# the test's own, so a broken query in run_lock cannot also break the test's waiting.
+
+def _sbatch(*args: str) -> str:
+    from tests.slurm_cluster import slurm_env
+
+    return subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", *args], capture_output=True, text=True,
+                          timeout=15, check=True, env=slurm_env()).stdout.strip().split(";")[0]
+
+
+def _scancel(job: str) -> None:
+    from tests.slurm_cluster import slurm_env
+
+    subprocess.run(["scancel", job], capture_output=True, timeout=15, env=slurm_env())
+
+
+def squeue_state(job: str) -> str:
+    """The job's state, "" once Slurm has forgotten it (an ended job)."""
+    from tests.slurm_cluster import slurm_env
+
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=15,
+                          env=slurm_env()).stdout.strip()
+
+
+def wait_state(job: str, state: str) -> None:
+    for _ in range(600):
+        if squeue_state(job) == state:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"Slurm job {job} is {squeue_state(job)!r}, not {state!r}, after 60 s")
+
+
+@pytest.fixture(scope="module")
+def live_job(slurm_cluster) -> str:
+    """A real job that runs while the module's tests do; cancelled at the end."""
+    job = _sbatch("--job-name", "lock-test-live", "--wrap", "sleep 300")
+    try:
+        wait_state(job, "RUNNING")
+        yield job
+    finally:
+        _scancel(job)
+
+
+@pytest.fixture(scope="module")
+def ended_job(slurm_cluster) -> str:
+    """A real job that ran and has ended."""
+    job = _sbatch("--job-name", "lock-test-ended", "--wrap", "true")
+    try:
+        wait_state(job, "")
+    except AssertionError:
+        _scancel(job)
+        raise
+    return job
+
+
 def test_a_held_lock_names_its_holder_and_is_released(store):
     with RunLock(store):
         found = run_lock.holder(store)
@@ -72,12 +129,13 @@ def test_a_second_process_is_refused_while_the_first_holds_the_lock(store):
         assert run_lock.holder(store)[0].pid == os.getpid()
 
 
-@pytest.mark.parametrize("case", ["same job", "dead pid", "stale"])
-def test_a_lock_is_taken_over_when_its_holder_is_gone(store, monkeypatch, case):
-    monkeypatch.setenv("SLURM_JOB_ID", "41")
-    monkeypatch.setattr(run_lock, "_job_running", lambda job_id: True)  # simulated boundary: squeue
-    if case == "same job":  # a requeued attempt of the job that took it, on another node
-        plant(store, host="node7", pid=1, job_id="41")
+@pytest.mark.parametrize("case", [pytest.param("same job", marks=pytest.mark.slurm), "dead pid", "stale"])
+def test_a_lock_is_taken_over_when_its_holder_is_gone(store, monkeypatch, request, case):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    if case == "same job":  # a requeued attempt of the job that took it, on another node; the job runs
+        job = request.getfixturevalue("live_job")
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        plant(store, host="node7", pid=1, job_id=job)
     elif case == "dead pid":
         done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
         plant(store, host=Holder.me().host, pid=int(done.stdout), job_id=None)
@@ -89,15 +147,52 @@ def test_a_lock_is_taken_over_when_its_holder_is_gone(store, monkeypatch, case):
         assert run_lock.holder(store)[0].pid == os.getpid()
 
 
-def test_a_live_holder_on_another_node_keeps_the_lock(store, monkeypatch):
-    monkeypatch.setattr(run_lock, "_job_running", lambda job_id: job_id == "40")  # simulated boundary: squeue
-    plant(store, host="node7", pid=1, job_id="40")
+@pytest.mark.slurm
+def test_a_live_holder_on_another_node_keeps_the_lock(store, monkeypatch, live_job, ended_job):
+    """The holder's job is a real one: the real squeue says whether it runs."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    plant(store, host="node7", pid=1, job_id=live_job)
     with pytest.raises(RunLocked) as err:
         RunLock(store).acquire()
-    assert "pid 1 on node7, Slurm job 40" in str(err.value)
-    monkeypatch.setattr(run_lock, "_job_running", lambda job_id: False)  # its job was cancelled
+    assert f"pid 1 on node7, Slurm job {live_job}" in str(err.value)
+    assert run_lock.holder(store)[0].job_id == live_job  # nothing was moved aside
+    remove_lock(store)
+    plant(store, host="node7", pid=1, job_id=ended_job)  # its job has ended
     with RunLock(store):
-        pass
+        assert run_lock.holder(store)[0].pid == os.getpid()
+
+
+@pytest.mark.slurm
+def test_job_running_asks_the_real_squeue(live_job, ended_job):
+    """Real counterpart of test_a_completing_job_no_longer_holds_the_lock: a running, a
+    suspended, a pending (held), an ended and an unknown job, as the local Slurm says them."""
+    assert run_lock._job_running(live_job) is True
+    held = _sbatch("--hold", "--job-name", "lock-test-held", "--wrap", "sleep 300")
+    try:
+        wait_state(held, "PENDING")
+        assert run_lock._job_running(held) is False  # a requeued job waits so: none of it runs
+    finally:
+        _scancel(held)
+    assert run_lock._job_running(ended_job) is False
+    assert run_lock._job_running(str(int(live_job) + 10**6)) is False  # Slurm never had it
+    from tests.slurm_cluster import slurm_env
+
+    suspend = subprocess.run(["scontrol", "suspend", live_job], capture_output=True, text=True, timeout=15,
+                             env=slurm_env())
+    if suspend.returncode != 0:  # suspending needs a Slurm operator; not one here
+        return
+    try:
+        wait_state(live_job, "SUSPENDED")
+        assert run_lock._job_running(live_job) is True  # a suspended job's processes resume: it keeps the lock
+    finally:
+        subprocess.run(["scontrol", "resume", live_job], capture_output=True, timeout=15, env=slurm_env())
+    wait_state(live_job, "RUNNING")
+
+
+def remove_lock(store: RunStore) -> None:
+    import shutil
+
+    shutil.rmtree(run_lock.lock_dir(store))
 
 
 def test_a_lock_being_made_counts_as_held(store):
@@ -130,7 +225,10 @@ def test_a_process_started_by_hand_beside_a_running_supervisor_is_refused(store,
                                             ("PENDING", False)])
 def test_a_completing_job_no_longer_holds_the_lock(monkeypatch, state, running):
     """Right after scancel the job is COMPLETING while Slurm kills its processes: a resubmit
-    then must not be refused (it was, in CI). Simulated boundary: squeue's answer."""
+    then must not be refused (it was, in CI). squeue's answer is canned for speed and for
+    COMPLETING, which a real job is in only while Slurm kills it (how long is not ours to set); real counterparts:
+    tests/unit/test_run_lock.py::test_job_running_asks_the_real_squeue and
+    tests/unit/test_run_lock.py::test_a_running_slurm_job_keeps_the_lock_whatever_its_heartbeat."""
     monkeypatch.setattr(run_lock.subprocess, "run",
                         lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=f"{state}\n", stderr=""))
     assert run_lock._job_running("21") is running
@@ -352,20 +450,16 @@ def test_a_second_run_of_a_live_stage_is_refused_before_it_builds_anything(tmp_p
 
 
 @pytest.mark.slurm
-def test_a_running_slurm_job_keeps_the_lock_whatever_its_heartbeat(store, slurm_cluster, tmp_path):
+def test_a_running_slurm_job_keeps_the_lock_whatever_its_heartbeat(store, slurm_cluster):
     """A holder's Slurm job that runs (or is suspended) holds the lock, however old the
-    heartbeat (a stopped supervisor in a running job); once the job ends it is taken over."""
+    heartbeat (a stopped supervisor in a running job); right after scancel (the job is
+    COMPLETING while Slurm kills its processes) it is taken over. The job is this test's own,
+    since it cancels it."""
     import shutil
 
-    from tests.slurm_cluster import slurm_env
-
-    job = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "job.out"), "--wrap", "sleep 120"],
-                         capture_output=True, text=True, timeout=15, check=True, env=slurm_env()).stdout.strip()
+    job = _sbatch("--job-name", "lock-test-cancelled", "--wrap", "sleep 120")
     try:
-        for _ in range(300):
-            if run_lock._job_running(job):
-                break
-            time.sleep(0.1)
+        wait_state(job, "RUNNING")
         plant(store, host="node7", pid=1, job_id=job)
         old = time.time() - 10 * STALE
         os.utime(run_lock.lock_dir(store) / run_lock.HOLDER, (old, old))
@@ -376,11 +470,10 @@ def test_a_running_slurm_job_keeps_the_lock_whatever_its_heartbeat(store, slurm_
         report(store, "trainer", "node7", age=1000, job_id=job)
         with pytest.raises(RunLocked, match=r"its LOCK/ is gone .*; its processes are alive: trainer pid 4242 on "):
             RunLock(store, stale_s=STALE).acquire()
+        plant(store, host="node7", pid=1, job_id=job)
+        os.utime(run_lock.lock_dir(store) / run_lock.HOLDER, (old, old))
     finally:
-        subprocess.run(["scancel", job], timeout=15, env=slurm_env())
-    for _ in range(300):
-        if not run_lock._job_running(job):
-            break
-        time.sleep(0.1)
+        _scancel(job)
+    assert squeue_state(job) in ("COMPLETING", "CANCELLED", "")  # no wait: a resubmit comes at once
     with RunLock(store, stale_s=STALE):
         assert run_lock.holder(store)[0].pid == os.getpid()

@@ -3,7 +3,6 @@ the loader and the header reader."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -98,18 +97,20 @@ def test_tensors_sharing_memory_are_refused(tmp_path: Path) -> None:
     assert torch.equal(load_tensors(p)["b"], flat[4:])
 
 
-def test_save_tensors_is_atomic(tmp_path: Path, monkeypatch) -> None:
-    p = save_tensors(tmp_path / "x.safetensors", {"a": torch.zeros(3)})
-    old = p.read_bytes()
+def test_save_tensors_is_atomic(tmp_path: Path) -> None:
+    """A real full disk (a 1 MiB tmpfs): the old file stays whole and no temp file is left."""
+    from tests.helpers.mounts import tmpfs
 
-    def fail(f, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(S, "_write_all", fail)
-    with pytest.raises(DiskFull) as info:
-        save_tensors(p, {"a": torch.ones(3)})
-    assert str(info.value).startswith(str(p)) and "no space left on device" in str(info.value)
-    assert p.read_bytes() == old and [q.name for q in tmp_path.iterdir()] == ["x.safetensors"]
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    with tmpfs(fs, "1M"):
+        p = save_tensors(fs / "x.safetensors", {"a": torch.zeros(3)})
+        old = p.read_bytes()
+        with pytest.raises(DiskFull) as info:
+            save_tensors(p, {"a": torch.ones(1 << 20)})  # 4 MiB
+        assert str(info.value).startswith(str(p)) and "no space left on device" in str(info.value)
+        assert "\n" not in str(info.value)
+        assert p.read_bytes() == old and [q.name for q in fs.iterdir()] == ["x.safetensors"]
 
 
 def test_tensor_files_take_the_umask(tmp_path: Path) -> None:

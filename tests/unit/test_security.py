@@ -759,3 +759,16 @@ def test_connections_beyond_the_limit_are_answered_503(guarded_server):
         except ServerError as e:
             assert e.status == 503 and time.monotonic() < deadline, e
             time.sleep(0.1)
+
+
+def test_only_the_exact_token_is_served(guarded_server):
+    """Any other bearer value is a 401: a wrong one, a prefix, one longer, another scheme."""
+    client, _ = guarded_server
+    token = client.token
+    wrong = [token[:-1] + ("0" if token[-1] != "0" else "1"), token[:8], token + "0", "", "x" * len(token)]
+    for value in [f"Bearer {w}" for w in wrong] + [f"Basic {token}", token]:
+        answer = _raw(client.address, f"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: {value}\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 401 "), (value.replace(token, "<token>"), answer[:60])
+    right = _raw(client.address, f"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                                 f"Connection: close\r\n\r\n".encode())
+    assert right.startswith(b"HTTP/1.1 200 ")

@@ -99,12 +99,44 @@ def test_component_states_fold_into_one(states, expected) -> None:
 
 
 def test_sacct_hetjob_lines_give_the_job_id_a_state() -> None:
+    """Canned sacct text, for speed and for states a real job cannot be made to reach at will
+    (PENDING beside a finished one). Real counterpart:
+    tests/unit/test_slurm_script.py::test_real_sacct_of_a_failed_hetjob_gives_the_job_id_failed."""
     sacct = ("JobID|State|NodeList\n"
              "15+0|COMPLETED|node1\n15+0.batch|COMPLETED|node1\n15+0.0|CANCELLED by 0|node1\n"
              "15+1|FAILED|node2\n15+1.1|FAILED|node2\n16|PENDING|None assigned\n")
     info = HetInfoWatcher().read_info(sacct)
     assert info["15"]["State"] == "FAILED" and info["15"]["NodeList"] == "node1,node2"
     assert info["16"]["State"] == "PENDING"
+
+
+@pytest.mark.slurm
+def test_real_sacct_of_a_failed_hetjob_gives_the_job_id_failed(slurm_cluster, tmp_path: Path) -> None:
+    """A real hetjob on the local Slurm whose second component fails, read back from the real
+    sacct as submitit asks it: the job id gets FAILED and both components' nodes."""
+    import time
+
+    from tests.slurm_cluster import slurm_env
+
+    script = tmp_path / "het.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --job-name=het-fail --output=/dev/null --time=2\n"
+                      "#SBATCH --ntasks=1 --cpus-per-task=1 --mem=200M\n#SBATCH hetjob\n"
+                      "#SBATCH --ntasks=1 --cpus-per-task=2 --mem=200M --time=2\n"
+                      "srun --het-group=0 true\nsrun --het-group=1 false\n")
+    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=15,
+                         check=True, cwd=tmp_path, env=slurm_env()).stdout.strip().split(";")[0].split("+")[0]
+    try:
+        for _ in range(120):
+            sacct = subprocess.run(["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", job],
+                                   capture_output=True, text=True, timeout=15, env=slurm_env()).stdout
+            info = HetInfoWatcher().read_info(sacct)
+            if {f"{job}+0", f"{job}+1"} <= info.keys() and "RUNNING" not in sacct and "PENDING" not in sacct:
+                break
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=15, env=slurm_env())
+    assert info[job]["State"] == "FAILED", sacct
+    assert sorted(info[job]["NodeList"].split(",")) == ["node1", "node2"], sacct
 
 
 def run_submit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

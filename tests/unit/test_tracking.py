@@ -81,6 +81,7 @@ def test_an_attempt_started_within_the_same_second_is_read_after_the_one_before(
 
 
 def test_a_project_without_the_package_is_refused_before_submission(tmp_path, monkeypatch, capsys):
+    """Simulated boundary: an environment without the optional wandb package (this one has it)."""
     import importlib.util
 
     from deepscaler import submit
