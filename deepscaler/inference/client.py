@@ -1,9 +1,10 @@
 """The client side of the inference contract (docs/inference.md), for the orchestrator and eval.
 
 HTTP through the standard library (http.client; no proxy from the environment); only
-:func:`sync_weights` imports torch (for the probe comparison), lazily. Every response is checked for shape before it is used: a server that answers with the wrong
-number of samples, or a token list and a log-prob list of different lengths, must stop the run
-with an error naming that server, not train on garbage. A request waits as long as a live
+:func:`sync_weights` imports torch (for the probe comparison), lazily. Every response is checked
+for shape before it is used: a server that answers with the wrong number of samples, or a token
+list and a log-prob list of different lengths, must stop the run with an error naming that
+server, not train on garbage. A request waits as long as a live
 server works on it, but only ``liveness_timeout_s`` for one that stops answering /health.
 
     clients = wait_for_servers(store, ["server0", "server1"], timeout_s=900, procs=procs)
@@ -221,7 +222,7 @@ class InferenceClient:
 
 
 class _InFlight:
-    """One request in flight, for :meth:`InferenceClient.abort` and the liveness watch.
+    """One request in flight, for :meth:`InferenceClient.close` and the liveness watch.
 
     Alive and done are apart: a live server may take up to ``timeout_s`` to answer (minutes
     of generation), but its /health, which never waits for the request lock, answers at once.
