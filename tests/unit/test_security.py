@@ -23,6 +23,7 @@ import pytest
 
 from deepscaler.config import ConfigError, load_config
 from deepscaler.process import apply_process_settings, umask_bits
+from tests.slurm_cluster import in_ci
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "deepscaler"
@@ -387,7 +388,7 @@ def test_submit_refuses_a_planted_submitit_folder_before_sbatch(tmp_path):
     import sys
 
     if shutil.which("sbatch") is None:
-        pytest.skip("needs sbatch on the PATH (the local cluster's client)")
+        (pytest.fail if in_ci() else pytest.skip)("needs sbatch on the PATH (the local cluster's client)")
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     slurm = tmp_path / "out" / "tiny" / "stage1" / "logs" / "slurm"
