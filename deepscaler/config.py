@@ -694,9 +694,6 @@ def validate(cfg: Config, source: str) -> None:
         "checkpoint.init_from_stage",
         f"must name an earlier stage than run.stage ({cfg.run.stage})",
     )
-    need(cfg.inference.socket_timeout_s > 0, "inference.socket_timeout_s", "must be more than 0")
-    need(cfg.inference.max_connections >= 4, "inference.max_connections",
-         "must be 4 or more (a request, the client's /health checks and a weight update overlap)")
     for key in control_character_keys(cfg):
         need(False, key, "holds a control character (a newline?): it would reach a Slurm batch script as a line of "
              "its own")
