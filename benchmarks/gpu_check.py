@@ -21,6 +21,10 @@ Inference side, where vLLM imports (a cluster node; skipped elsewhere): publish 
 steps with the trainer's publisher, start the vLLM backend on the first at the stage's
 ``max_model_len``, generate, reload the second in place and check the probe.
 
+First, before anything touches the GPU: the driver/CUDA preflight (``deepscaler/cuda_preflight.py``),
+its own JSON line and ``cuda_preflight`` in the result. A driver too old for torch's CUDA build
+stops the check there (exit 2) with one line naming both versions and the fix.
+
 The last line is one JSON object. On a CPU the same code runs at the tiny shape as a smoke
 test (``--device cpu --preset tiny-random``; tests/unit/test_gpu_check.py).
 """
@@ -41,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deepscaler import cuda_preflight  # noqa: E402
 from deepscaler.config import stage_config, tis_cap  # noqa: E402
 from deepscaler.hf_loading import model_config  # noqa: E402
 from deepscaler.plan import SyntheticRollout, build_model, model_flops, step_forwards, trace_micro_batch  # noqa: E402
@@ -83,7 +88,7 @@ def trainer_side(cfg, config, device, dtype, token_counts, kernels, peak) -> lis
     rows = []
     for kernel in kernels:
         try:
-            name = attention.resolve(kernel, device)
+            name = attention.resolve(kernel, device, dtype)
         except attention.AttentionError as e:
             rows.append({"attention": kernel, "error": " ".join(str(e).split())})
             continue
@@ -143,7 +148,7 @@ def probe_side(config, device, dtype, kernel: str) -> dict:
         reference = probe_logprobs(model, ids)  # the publisher's probe: a fresh load's kernel
         cases = {}
         for other in ("eager", kernel):
-            model.set_attn_implementation(attention.resolve(other, device) if other != "eager" else "eager")
+            model.set_attn_implementation(attention.resolve(other, device, dtype) if other != "eager" else "eager")
             cases[other] = probe_logprobs(model, ids)
         model.set_attn_implementation("sdpa")
         cases["fp32_compute"] = probe_logprobs(model.float(), ids)
@@ -206,6 +211,8 @@ def inference_side(cfg, config, device, dtype, workdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    preflight = cuda_preflight.preflight().as_dict()  # first: an old driver fails deep inside torch.cuda
+    print(json.dumps({"cuda_preflight": preflight}), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", type=int, default=1)
     ap.add_argument("--preset", help="e.g. tiny (with --device cpu: the smoke test)")
@@ -213,14 +220,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--attention", default="all",
                     help="kernels to time: all (varlen, flash_attention_2, sdpa), or a list such as auto,eager")
     ap.add_argument("--inference", choices=("auto", "skip"), default="auto", help="auto: where vllm imports")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", help="cuda or cpu (default: cuda where torch sees a GPU)")
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the table")
     ap.add_argument("--out", help="where the inference side publishes (default: a temp dir)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
 
+    if not preflight["ok"] and args.device != "cpu":
+        print(f"error: {preflight['message']}", file=sys.stderr)
+        print(json.dumps({"cuda_preflight": preflight, "error": preflight["message"]}))
+        raise SystemExit(2)
     cfg = stage_config(args.stage, args.preset, args.overrides)
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = model_config(cfg)
     # all: what a stage may use, and sdpa's dense mask for comparison. eager materialises the
@@ -232,8 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, "stage": cfg.run.stage,
                       "checkpointing": cfg.trainer.deepspeed.activation_checkpointing,
-                      "auto_attention": attention.resolve("auto", device), "peak_tflops": peak}), flush=True)
-    result = {"trainer": trainer_side(cfg, config, device, dtype, tokens, kernels, peak)}
+                      "auto_attention": attention.resolve("auto", device, dtype), "peak_tflops": peak}), flush=True)
+    result = {"cuda_preflight": preflight, "trainer": trainer_side(cfg, config, device, dtype, tokens, kernels, peak)}
     free(device)
     result["probe"] = probe_side(config, device, dtype, cfg.trainer.attn_implementation)
     free(device)

@@ -3,14 +3,11 @@ two cores): each is a pytest test marked ``trial``, run here on the local Slurm 
 
     bash slurm/local/up.sh && .venv/bin/python benchmarks/slow_trials.py
 
-Today (about 15 minutes in all):
-- the time-limit requeue: a 2-minute ``slurm.time``, requeued at least once, the result
-  bit-identical to an uninterrupted run (8-9 minutes);
-- a dead node: its slurmd and steps killed, the job requeued, resume loses at most one interval
-  (2-3 minutes);
-- SIGKILL of the orchestrator and of an inference server, then resume to the same weights (the
-  trainer's kill stays in the suite), and a newest checkpoint without its STABLE marker (the
-  truncated rank file stays in the suite), about a minute each.
+Today (about 3 minutes in all): SIGKILL of the orchestrator and of an inference server, then
+resume to the same weights (the trainer's kill stays in the suite), and a newest checkpoint
+without its STABLE marker (the truncated rank file stays in the suite), about a minute each.
+The time-limit requeue and the node failure are back in the suite (about 2 minutes each,
+shortened: tests/integration/test_slurm_stage.py, tests/faults/test_node_failure.py).
 
 Prints pytest's outcome and each trial's duration, and exits with pytest's code.
 """

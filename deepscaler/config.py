@@ -733,10 +733,18 @@ def tis_cap(cfg: Config) -> float | None:
 
 def server_names(cfg: Config) -> list[str]:
     """The inference servers of a stage: one per ``inference.tensor_parallel`` GPUs of the
-    inference component, at least one (the CPU presets have no GPUs)."""
+    inference component, at least one per node. A CPU component (``gpus_per_node: 0``, the
+    tiny presets) runs one server per node, so a CPU stage keeps the shape of its GPU stage."""
     inf = cfg.slurm.inference
-    count = max(1, inf.nodes * inf.gpus_per_node // cfg.inference.tensor_parallel)
+    count = max(inf.nodes, inf.nodes * inf.gpus_per_node // cfg.inference.tensor_parallel)
     return [f"server{i}" for i in range(count)]
+
+
+def trainer_ranks(cfg: Config) -> int:
+    """The trainer's ranks: one per GPU of the trainer component, one per node on CPU
+    (``gpus_per_node: 0``), as its Slurm job step runs them."""
+    tr = cfg.slurm.trainer
+    return tr.nodes * max(1, tr.gpus_per_node)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Callable
 
 import yaml
 
-from deepscaler.config import Config, server_names, to_yaml
+from deepscaler.config import Config, server_names, to_yaml, trainer_ranks
 from deepscaler.handover import ATTEMPT_ENV
 from deepscaler.inference.contract import TOKEN_ENV
 from deepscaler.run_lock import RunLock
@@ -39,16 +39,12 @@ from deepscaler.store import LOG_TAIL_LINES, RunStore, StepCorrupt, atomic_write
 from deepscaler.tracking import enabled
 
 STOP_GRACE_S = 15.0
+SERVER_DEATH_WAIT_S = 10.0  # after the orchestrator saw a server die: how long the server's own end may take to show
 TRACKING_GRACE_S = 60.0  # the forwarder's last records and W&B's own flush
 
 
 class LaunchError(RuntimeError):
     """A stage's process failed. The first line names it; its log tail follows."""
-
-
-def trainer_ranks(cfg: Config) -> int:
-    tr = cfg.slurm.trainer
-    return max(1, tr.nodes * tr.gpus_per_node)
 
 
 def stage_commands(cfg: Config, run_yaml: Path, resume: str | None) -> dict[str, list[str]]:
@@ -265,9 +261,7 @@ def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra
                 failed = [c for c in children if c.proc.poll() not in (None, 0)]
                 early = [c for c in children if c not in workers and c.proc.poll() is not None]
                 if failed or early:
-                    c = (failed or early)[0]
-                    raise LaunchError(f"{c.name} exited with code {c.proc.returncode} "
-                                      f"(stage {cfg.run.stage} of run '{cfg.run.name}')\n{c.tail()}")
+                    raise LaunchError(failure(cfg, store, children, (failed or early)[0]))
                 if all(c.proc.poll() == 0 for c in workers):
                     break
                 tracker.check()
@@ -277,6 +271,53 @@ def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra
         stop(children)
         tracker.stop()  # last: it forwards what the others wrote up to their end
     return store
+
+
+def failure(cfg: Config, store: RunStore, children: list[Child], first: Child) -> str:
+    """The LaunchError of a stage whose process ``first`` ended: one line, then a log tail.
+    Stops every process of the stage on the way.
+
+    A dead server is named as such, however its death was first seen: its own exit (a local
+    server process), srun's report in the servers step's log (one step runs every server, and
+    ``--kill-on-bad-exit`` ends it when one dies), or the orchestrator's refused request (it
+    exits with SERVER_DIED_EXIT; the server's end then shows within moments)."""
+    from deepscaler import handover
+    from deepscaler.inference.client import SERVER_DIED_EXIT, server_died_line
+
+    wait_s = SERVER_DEATH_WAIT_S if first.name == "orchestrator" and first.proc.returncode == SERVER_DIED_EXIT else 0
+    dead = dead_server(children, wait_s)
+    stop(children)  # before the newest checkpoint is read for the resume hint: nothing writes one after
+    if dead is None:
+        return (f"{first.name} exited with code {first.proc.returncode} (stage {cfg.run.stage} of run "
+                f"'{cfg.run.name}')\n{first.tail()}")
+    name, node, how, child = dead
+    beat, orchestrator = handover.read(store, name), handover.read(store, "orchestrator")
+    line = server_died_line(name, node or (beat.host if beat else None), store.read_server_addresses().get(name), how,
+                            cfg.run.stage, cfg.run.name, orchestrator.step if orchestrator else None,
+                            store.latest_stable("checkpoints"))
+    return f"{line}\n{child.tail()}"
+
+
+def dead_server(children: list[Child], wait_s: float = 0.0) -> tuple[str, str | None, str, Child] | None:
+    """(name, node or None, how it ended, its child) of the server that died first, waiting up
+    to ``wait_s`` for one to show; None if none did."""
+    from deepscaler.inference.client import first_dead_task, how_it_ended
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        for c in children:
+            if c.name == "servers":  # the job step of every server: srun names the task (= server<rank>)
+                with open(c.log, "rb") as f:  # its end: srun reports a task at once, the log may be long
+                    f.seek(max(0, f.seek(0, os.SEEK_END) - (1 << 20)))
+                    text = f.read().decode("utf-8", "replace")
+                task = first_dead_task(text[text.rfind("\n=== ") + 1:])  # this attempt's part of the log
+                if task is not None:
+                    return f"server{task[1]}", task[0], task[2], c
+            elif c.name.startswith("server") and c.proc.poll() is not None:
+                return c.name, None, how_it_ended(c.proc.returncode), c
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
 
 
 class Tracker:

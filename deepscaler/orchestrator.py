@@ -28,8 +28,8 @@ from deepscaler.config import Config, ConfigError, load_config_args, parse_comma
 from deepscaler.data import DataError, build_prompts, load_problems
 from deepscaler.handover import Reporter, watch
 from deepscaler.hf_loading import load_tokenizer, model_source
-from deepscaler.inference.client import (InferenceClient, Sample, ServerError, ServerGone, log_tail, sync_weights,
-                                         wait_for_servers)
+from deepscaler.inference.client import (SERVER_DIED_EXIT, InferenceClient, Sample, ServerDied, ServerError, ServerGone,
+                                         log_tail, sync_weights, wait_for_servers)
 from deepscaler.process import apply_process_settings, usable_cpus
 from deepscaler.reward import BatchScorer
 from deepscaler.rollouts import Rollout, read_rollout, write_rollout
@@ -134,16 +134,18 @@ def orchestrate(cfg: Config, resume: str | None = None) -> int:
                 write_rollout(store, step, rollout)
                 drop_consumed_rollouts(store)
 
+                per_server = prompts_per_server(sampled, list(clients))
                 record = {"source": "orchestrator", "step": step, "problem_ids": rollout.problem_ids,
-                          "weight_step": rollout.weight_step,
+                          "weight_step": rollout.weight_step, "server_prompts": per_server,
                           "weights_loaded": weight_step, **step_stats(rewards, group, samples),
                           "time_weights_s": t_weights, "time_sample_s": t_sample, "time_score_s": t_score,
                           "time_step_s": time.perf_counter() - t0}
                 store.append_metrics(record)
                 log.info("step %d: reward %.3f (all solved %.2f, none %.2f) length %.0f/%d truncated %.1f%% "
-                         "weights %d, sample %.1fs score %.1fs", step, record["reward_mean"], record["solve_all"],
-                         record["solve_none"], record["response_length_mean"], record["response_length_max"],
-                         100 * record["truncation_rate"], rollout.weight_step, t_sample, t_score)
+                         "weights %d, sample %.1fs score %.1fs; prompts per server: %s", step, record["reward_mean"],
+                         record["solve_all"], record["solve_none"], record["response_length_mean"],
+                         record["response_length_max"], 100 * record["truncation_rate"], rollout.weight_step, t_sample,
+                         t_score, ", ".join(f"{name} {count}" for name, count in per_server.items()))
                 step += 1
                 report.at(step)
     return step - 1
@@ -203,8 +205,8 @@ def update_servers(store: RunStore, clients: dict[str, InferenceClient], loaded:
                 log.info("server %s loaded weights step %d in %.1fs (%s, probe max diff %.2g)", c.name,
                          target, report["seconds"], report["method"], report["probe_max_diff"])
             break
-        except ServerGone:
-            raise  # frozen: a retry would only wait for it again
+        except (ServerGone, ServerDied):
+            raise  # frozen or dead: a retry would only wait for it again, or fail again
         except ServerError:
             if attempt or store.is_stable("weights", target):
                 raise
@@ -232,6 +234,15 @@ def sample(clients: dict[str, InferenceClient], pool, prompts: list[list[int]], 
         for pos, samples in enumerate(gen.samples):
             out[k + pos * len(names)] = (names[k], gen.weight_step, samples)
     return out
+
+
+def prompts_per_server(sampled: list[tuple[str, int, list[Sample]]], names: list[str]) -> dict[str, int]:
+    """How many of the step's prompts each server sampled (each with samples_per_prompt
+    completions): the load spread over the servers, 0 for an idle one."""
+    counts = dict.fromkeys(names, 0)
+    for name, _, _ in sampled:
+        counts[name] += 1
+    return counts
 
 
 def check_fresh(sampled: list[tuple[str, int, list[Sample]]], step: int, required: int) -> None:
@@ -328,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             print(log_tail(RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage), e.server, lines=12),
                   file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return SERVER_DIED_EXIT if isinstance(e, ServerDied) else 2
     except (ConfigError, StoreError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from deepscaler.config import Config, ConfigError, parse_command_line, refuse_repeated_keys, stage_config
+from deepscaler.config import Config, ConfigError, parse_command_line, refuse_repeated_keys, stage_config, trainer_ranks
 
 GIB = 2**30
 ADAM_BYTES = 12  # fp32 master weights and two fp32 Adam moments, per parameter
@@ -170,9 +170,6 @@ def trace_micro_batch(cfg: Config, config, lengths: list[int], *, device: str = 
 # --------------------------------------------------------------------------- the plan
 
 
-def trainer_ranks(cfg: Config) -> int:
-    tr = cfg.slurm.trainer
-    return max(1, tr.nodes * tr.gpus_per_node)
 
 
 def zero_states(cfg: Config, n_params: int) -> dict[str, float]:

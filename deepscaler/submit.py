@@ -17,8 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
-from deepscaler.config import (Config, ConfigError, load_config, parse_command_line, refuse_repeated_keys, stage_config,
-                               to_yaml)
+from deepscaler.config import (Config, ConfigError, load_config, parse_command_line, refuse_repeated_keys, server_names,
+                               stage_config, to_yaml, trainer_ranks)
 from deepscaler.data import DataError
 from deepscaler.process import apply_process_settings
 from deepscaler.store import RunStore, StoreError
@@ -59,14 +59,55 @@ def resolve(args: argparse.Namespace) -> list[Config]:
         overrides.append(f"run.max_steps={args.max_steps}")
     if args.no_hetjob:
         overrides.append("slurm.hetjob=false")
-    return [stage_config(k, args.preset, overrides) for k in parse_stages(args)]
+    stages = parse_stages(args)
+    general, per_stage = split_stage_overrides(overrides, stages)
+    configs = [stage_config(k, args.preset, general + per_stage.get(k, [])) for k in stages]
+    for before, cfg in zip(configs, configs[1:]):
+        refuse_optimizer_reshape(before, cfg)
+    return configs
+
+
+def refuse_optimizer_reshape(before: Config, cfg: Config) -> None:
+    """A stage that loads the previous stage's optimizer state needs its trainer shape: ZeRO's
+    optimizer partitions are per rank. Weights alone (``load_optimizer: false``, stage2.yaml and
+    stage3.yaml) load into any shape. Refused at submit, not in the job after stage K ran."""
+    ck = cfg.checkpoint
+    if ck.init_from_stage != before.run.stage or not ck.load_optimizer:
+        return
+    old = (trainer_ranks(before), before.trainer.deepspeed.zero_stage)
+    new = (trainer_ranks(cfg), cfg.trainer.deepspeed.zero_stage)
+    if old != new:
+        k = cfg.run.stage
+        raise ConfigError(f"stage {k} loads stage {before.run.stage}'s optimizer state (checkpoint.load_optimizer: "
+                          f"true), partitioned for {old[0]} trainer rank(s) with ZeRO-{old[1]}, but stage {k} has "
+                          f"{new[0]} with ZeRO-{new[1]}: give stage {k} the same trainer shape, or load the weights "
+                          f"only (stage{k}.checkpoint.load_optimizer=false)")
+
+
+def split_stage_overrides(overrides: list[str], stages: list[int]) -> tuple[list[str], dict[int, list[str]]]:
+    """``stageK.key=value`` applies to stage K only, after the overrides of every stage: a chain
+    whose stages differ in more than their yaml (``--stages 1,2 --preset tiny-random
+    stage2.slurm.trainer.nodes=2``: the preset gives every stage one node). A stage that is
+    not in the chain is refused (a typo would otherwise be ignored)."""
+    general: list[str] = []
+    per_stage: dict[int, list[str]] = {}
+    for text in overrides:
+        head, dot, rest = text.partition(".")
+        if dot and head.startswith("stage") and head[5:].isascii() and head[5:].isdigit() and "=" in rest:
+            k = int(head[5:])
+            if k not in stages:
+                raise ConfigError(f"override '{text}': stage {k} is not among the stages submitted "
+                                  f"({','.join(map(str, stages))})")
+            per_stage.setdefault(k, []).append(rest)
+        else:
+            general.append(text)
+    return general, per_stage
 
 
 def describe(cfg: Config) -> str:
     """A short human summary of what a stage will run."""
     inf, tr = cfg.slurm.inference, cfg.slurm.trainer
-    gpus = inf.nodes * inf.gpus_per_node
-    servers = max(gpus // cfg.inference.tensor_parallel, 1)
+    servers = len(server_names(cfg))
     return (
         f"stage {cfg.run.stage} of run '{cfg.run.name}' in {cfg.run.output_dir}: "
         f"{cfg.model.name}, {cfg.run.max_steps or 'all'} steps of "

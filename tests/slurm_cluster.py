@@ -1,6 +1,6 @@
 """Pytest plugin: the ``slurm_cluster`` fixture for tests that need the local Slurm cluster.
 
-The cluster is ``slurm/local/up.sh``: two logical nodes (node1, node2), two fake GPUs each,
+The cluster is ``slurm/local/up.sh``: four logical nodes (node1..node4), two fake GPUs each,
 slurmdbd for ``sacct``. Without it the tests skip, except under CI (``CI=true`` or ``CI=1``),
 which always brings the cluster up: there a missing cluster is a failure, not a skip.
 """

@@ -49,13 +49,33 @@ def row_name(what: int | str, summary: dict | None) -> str:
     return f"step {what}"
 
 
+def sampled_with(summary: dict) -> str:
+    """What sampled a result: backend, vLLM, torch and transformers versions, seed. AIME numbers
+    move with the vLLM version and the seed. Results written before versions were recorded
+    read "versions unknown" (and "seed unknown" without a seed)."""
+    versions = summary.get("versions")
+    if isinstance(versions, dict):
+        stack = ", ".join(str(versions[k]) for k in ("vllm", "torch", "transformers") if versions.get(k)) or "unknown"
+    else:
+        stack = "versions unknown"
+    seed = summary.get("seed")
+    return f"{summary.get('backend') or 'unknown'} backend: {stack}; seed {'unknown' if seed is None else seed}"
+
+
+def stacks_of(per: dict[str, dict]) -> str:
+    """The distinct :func:`sampled_with` of a row's results, in benchmark order."""
+    return " / ".join(dict.fromkeys(sampled_with(per[b]) for b in benchmarks_of({0: per})))
+
+
 def table(results: dict[int | str, dict[str, dict]]) -> list[str]:
-    """The Markdown table: a row per model/step; accuracy (Avg@n, %) and length (mean ± std) per benchmark."""
+    """The Markdown table: a row per model/step; accuracy (Avg@n, %) and length (mean ± std) per benchmark,
+    and what sampled it."""
     benches = benchmarks_of(results)
     head = ["Model"]
     for b in benches:
         ns = sorted({per[b]["samples_per_problem"] for per in results.values() if b in per})
         head += [f"{display(b)} (Avg@{'/'.join(map(str, ns))})", f"{display(b)} length"]
+    head.append("Sampled with")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for what, per in results.items():
         cells = [row_name(what, next(iter(per.values()), None))]
@@ -63,9 +83,12 @@ def table(results: dict[int | str, dict[str, dict]]) -> list[str]:
             s = per.get(b)
             cells += ([f"{100 * s['avg_at_n']:.1f}", f"{s['length_mean']:.0f} ± {s['length_std']:.0f}"]
                       if s else ["–", "–"])
+        cells.append(stacks_of(per))
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", "Accuracy: the mean reward over all samples (pass@1 averaged over the n samples of each "
-                        "problem), in %. Length: completion tokens, mean ± standard deviation over all samples."]
+                        "problem), in %. Length: completion tokens, mean ± standard deviation over all samples. "
+                        "Sampled with: the inference backend, the vLLM, torch and transformers that served, and "
+                        "the sampling seed; AIME numbers move with the vLLM version and the seed."]
 
 
 def raw_lines(results: dict[int | str, dict[str, dict]]) -> list[str]:
@@ -136,7 +159,10 @@ def plot(store: RunStore, results: dict[int | str, dict[str, dict]]) -> bytes:
         for ax in axes.flat:
             ax.text(0.5, 0.5, "no evals yet", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"run '{store.run}', stage {store.stage}", fontsize=12)
-    fig.tight_layout()
+    stacks = list(dict.fromkeys(stacks_of(per) for per in results.values()))
+    footnote = "sampled with " + (stacks[0] if len(stacks) == 1 else f"{len(stacks)} set-ups (see report.md)")
+    fig.text(0.01, 0.005, footnote, fontsize=7, color="0.4", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

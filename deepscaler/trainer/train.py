@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -55,6 +56,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     """Run this stage's steps; returns the last step whose weights were published."""
     # ------------------------------------------------------------------ set-up
     dist = init_distributed()
+    log.info("%s", dist.describe(os.environ))
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     refuse_outsider(store, cfg.run.lock_stale_s)  # started by hand beside a running run: refused before writing
@@ -68,7 +70,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
     source = model_source(cfg)
     tokenizer = load_tokenizer(source, cfg.model.revision)
-    attn = attention.resolve(cfg.trainer.attn_implementation, device)
+    attn = attention.resolve(cfg.trainer.attn_implementation, device, dtype)  # fp32 or sm<80: no flash kernel
     model = load_causal_lm(source, dtype, cfg.model.revision, attn_implementation=attn)
     one_thread_if_small(model, device)  # device: where it will compute (it loads on the CPU)
     if dist.is_main:
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config_args(args.config, args.overrides)
         apply_process_settings(cfg)
         train(cfg, args.resume_step)
+        close_distributed(together=True)
     except (ConfigError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

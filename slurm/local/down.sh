@@ -16,7 +16,7 @@ case "${1:-}" in
   *) echo "usage: $0 [--purge]" >&2; exit 2 ;;
 esac
 [ "$(id -u)" = 0 ] || { echo "down.sh: must run as root (sudo bash $0)" >&2; exit 1; }
-NODES=(node1 node2)
+NODES=(node1 node2 node3 node4)
 OWNED=/run/deepscaler-slurm-local
 T_START=${EPOCHREALTIME/./}
 log() { local d=$(( ${EPOCHREALTIME/./} - T_START )); printf '[down %3d.%01ds] %s\n' $((d/1000000)) $((d%1000000/100000)) "$*"; }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # up.sh - bring up the project's local single-host Slurm 22.05 cluster (Debian
 # packages) without systemd: munged, MariaDB + slurmdbd (for sacct), slurmctld,
-# and two slurmd processes serving logical nodes node1 and node2, each with two
+# and four slurmd processes serving logical nodes node1..node4, each with two
 # fake GPUs. Installs the packages when missing. Idempotent: re-running leaves
 # running daemons alone unless the configuration changed. Run as root:
 #
@@ -14,7 +14,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 WAIT_S=${SLURM_LOCAL_WAIT:-60}
-NODES=(node1 node2)
+NODES=(node1 node2 node3 node4)
 MARK='# deepscaler slurm/local: managed by slurm/local/up.sh'
 OWNED=/run/deepscaler-slurm-local   # which shared daemons up.sh started (down.sh stops only those)
 T_START=${EPOCHREALTIME/./}          # microseconds (bash >= 5)
@@ -57,7 +57,7 @@ mkdir -p /etc/slurm /var/spool/slurmctld /var/log/slurm "$OWNED"
 for n in "${NODES[@]}"; do mkdir -p "/var/spool/slurmd/$n"; done
 # fake GPUs: gres/gpu needs one character device per GPU (File= is mandatory,
 # regular files are rejected); c 1 3 is /dev/null's device number.
-for i in 0 1 2 3; do
+for i in 0 1 2 3 4 5 6 7; do
   [ -c "/var/spool/slurmd/fakegpu$i" ] || mknod -m 666 "/var/spool/slurmd/fakegpu$i" c 1 3
 done
 
@@ -66,6 +66,8 @@ cp "$HERE/slurm.conf" "$tmp/slurm.conf"
 cat > "$tmp/gres.conf" <<'EOF'
 NodeName=node1 Name=gpu File=/var/spool/slurmd/fakegpu[0-1]
 NodeName=node2 Name=gpu File=/var/spool/slurmd/fakegpu[2-3]
+NodeName=node3 Name=gpu File=/var/spool/slurmd/fakegpu[4-5]
+NodeName=node4 Name=gpu File=/var/spool/slurmd/fakegpu[6-7]
 EOF
 cat > "$tmp/slurmdbd.conf" <<'EOF'
 AuthType=auth/munge

@@ -61,6 +61,10 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
     aime = results["aime2024"]
     assert aime["summary"]["problems"] == 8 and len(aime["samples"]) == 32  # the tiny preset's 8 problems x 4
     assert aime["summary"]["weight_step"] == 1 and aime["summary"]["seed"] == 7
+    # what sampled: the tiny preset's hf backend, so no vLLM, and this environment's torch/transformers
+    from importlib.metadata import version
+    assert aime["summary"]["backend"] == "hf" and aime["summary"]["versions"] == {
+        "vllm": None, "torch": f"torch {version('torch')}", "transformers": f"transformers {version('transformers')}"}
     assert {"problem_id", "sample", "response", "tokens", "score", "truncated"} <= aime["samples"][0].keys()
     assert results["math500"]["summary"]["problems"] == 6
     # the server was a child: stopped, its address file gone, and the weights lease released

@@ -69,7 +69,8 @@ def test_het_job_components_land_on_both_nodes(slurm_cluster, tmp_path):
     states = wait_states(job_id, {f"{job_id}+0", f"{job_id}+1"})
     assert states == {f"{job_id}+0": "COMPLETED", f"{job_id}+1": "COMPLETED"}, logs(tmp_path)
     nodes = [(tmp_path / f"comp{k}").read_text().strip() for k in (0, 1)]
-    assert sorted(nodes) == ["node1", "node2"], (nodes, logs(tmp_path))
+    # Two distinct nodes, whichever two of the four: other jobs may hold node1 or node2.
+    assert len(set(nodes)) == 2 and set(nodes) <= set(slurm_cluster.nodes), (nodes, logs(tmp_path))
 
 
 def test_array_tasks_run_at_once(slurm_cluster, tmp_path):

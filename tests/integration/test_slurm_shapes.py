@@ -1,0 +1,219 @@
+"""The recipe's multi-node shapes (stages 2 and 3: servers on 2 nodes, trainer ranks on 2 nodes)
+as real jobs on the local Slurm cluster (four logical nodes, two fake GPUs each), at tiny scale:
+gloo on CPU stands in for NCCL.
+
+One 4-node job (2 server nodes + 2 trainer nodes, one GPU and one task each) feeds several
+assertions; its final weights must equal, bit for bit, the same seed run as 2 ranks on one node
+(the local executor, torchrun). A 3-node variant is requeued with one of its nodes drained, so it
+resumes on another node set, from shards written by ranks on other nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from deepscaler.store import RunStore
+from tests.slurm_cluster import slurm_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 3
+# Coin-flip rewards (seeded by the step): the tiny random model earns none by itself, and with
+# every advantage 0 the ranks would all-reduce zeros and any layout would look bit-exact.
+ENV = {"DEEPSCALER_FAULT": "orchestrator.random_rewards@on"}
+RUN = ["--stage", "1", "--preset", "tiny-random", "--max-steps", str(STEPS), "run.deterministic=true",
+       "checkpoint.interval=1"]
+TWO_SERVERS_TWO_TRAINER_NODES = ["slurm.inference.nodes=2", "slurm.inference.gpus_per_node=1",
+                                 "slurm.trainer.nodes=2", "slurm.trainer.gpus_per_node=1"]
+
+
+def submit(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "deepscaler.submit", "--output-dir", str(out), *RUN, *args]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=timeout, env={**slurm_env(), **ENV})
+
+
+def jobs_of(store: RunStore) -> list[str]:
+    return [str(r["slurm_job_id"]) for r in store.read_metrics().records if r.get("event") == "submitted"]
+
+
+def cancel_jobs(store: RunStore) -> None:
+    if store.metrics_path.exists() and jobs_of(store):
+        subprocess.run(["scancel", *jobs_of(store)], env=slurm_env(), check=False)
+
+
+def hostnames(nodelist: str) -> list[str]:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True,
+                         env=slurm_env())
+    return out.stdout.split()
+
+
+def sacct_rows(job: str, *, duplicates: bool = False) -> list[dict[str, str]]:
+    """sacct's rows of a job (``-D``: of every attempt of a requeued job too)."""
+    argv = ["sacct", "-P", "-n", "-j", job, "-o", "JobID,State,NodeList,Start", *(["-D"] if duplicates else [])]
+    out = subprocess.run(argv, capture_output=True, text=True, env=slurm_env(), check=True).stdout
+    return [dict(zip(("id", "state", "nodes", "start"), line.split("|"))) for line in out.splitlines() if "|" in line]
+
+
+def component_nodes(job: str) -> dict[int, list[str]]:
+    """The nodes sacct records for each hetjob component (``ID+K``) of the job's latest attempt."""
+    return {int(r["id"].split("+")[1]): hostnames(r["nodes"]) for r in sacct_rows(job)
+            if re.fullmatch(rf"{job}\+\d", r["id"])}
+
+
+def rank_lines(store: RunStore) -> dict[int, tuple[int, str, str]]:
+    """rank -> (local rank, node, rendezvous) from the trainer log of the latest attempt."""
+    text = (store.logs_dir / "trainer.log").read_text()
+    found = re.findall(r"trainer rank (\d+) of 2: local rank (\d+) on node (\S+), device \S+, rendezvous (\S+)",
+                       text.rsplit("=== ", 1)[-1])
+    return {int(r): (int(local), node, where) for r, local, node, where in found}
+
+
+def shard_nodes(store: RunStore, step: int) -> dict[int, str]:
+    """rank -> the node that wrote its shard of ``checkpoints/step_N``."""
+    ckpt = store.step_dir("checkpoints", step)
+    return {r: json.loads((ckpt / f"rank_{r}.json").read_text())["node"] for r in range(2)}
+
+
+def differing(a: RunStore, b: RunStore, step: int, b_step: int | None = None) -> list[str]:
+    """Tensors of ``weights/step_N`` that differ (bitwise) between two runs (or two steps)."""
+    x = load_file(a.step_dir("weights", step) / "model.safetensors")
+    y = load_file(b.step_dir("weights", step if b_step is None else b_step) / "model.safetensors")
+    assert x.keys() == y.keys()
+    return [k for k in x if not (x[k] == y[k]).all()]
+
+
+@pytest.fixture(scope="module")
+def two_ranks_one_node(tmp_path_factory) -> RunStore:
+    """The reference: the same seed with 2 servers and 2 trainer ranks on this one machine."""
+    out = tmp_path_factory.mktemp("one-node")
+    t0 = time.monotonic()
+    done = submit(out, "--executor", "local", "slurm.inference.nodes=2", "slurm.inference.gpus_per_node=1",
+                  "slurm.trainer.nodes=1", "slurm.trainer.gpus_per_node=2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    print(f"reference (local, 2 ranks on one node): {time.monotonic() - t0:.0f} s")
+    return RunStore(out, "tiny", 1)
+
+
+@pytest.fixture(scope="module")
+def four_nodes(slurm_cluster, tmp_path_factory):
+    """Stage 2/3's shape: a hetjob of 2 server nodes and 2 trainer nodes, one task each."""
+    if len(slurm_cluster.nodes) < 4:
+        pytest.fail(f"the local cluster must have 4 nodes ready, sinfo has {slurm_cluster.nodes}")
+    out = tmp_path_factory.mktemp("four-nodes")
+    store = RunStore(out, "tiny", 1)
+    t0 = time.monotonic()
+    try:
+        done = submit(out, "--executor", "slurm", "--wait", *TWO_SERVERS_TWO_TRAINER_NODES)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        print(f"4-node job: {time.monotonic() - t0:.0f} s")
+        (job,) = jobs_of(store)
+        yield store, job
+    finally:
+        cancel_jobs(store)
+
+
+def test_stage_2_shape_places_servers_and_trainer_ranks_on_four_nodes(four_nodes) -> None:
+    store, job = four_nodes
+    nodes = component_nodes(job)  # placement from Slurm's accounting, not from our logs
+    assert len(nodes[0]) == len(nodes[1]) == 2 and len(set(nodes[0] + nodes[1])) == 4, nodes
+    # Each rank says where it runs: one rank per trainer node, local rank 0 on each, both meeting
+    # at the first trainer node's address (its NodeAddr; 127.0.0.1 for every local node).
+    ranks = rank_lines(store)
+    assert sorted(ranks) == [0, 1], ranks
+    assert [ranks[r][1] for r in (0, 1)] == nodes[1], (ranks, nodes)
+    assert {ranks[r][0] for r in (0, 1)} == {0}
+    assert ranks[0][2] == ranks[1][2] and ranks[0][2].startswith("127.0.0.1:"), ranks
+    # The checkpoint holds both ranks' shards, each written on its rank's node.
+    assert shard_nodes(store, STEPS) == {0: nodes[1][0], 1: nodes[1][1]}
+    # The orchestrator sampled from both servers (one per inference node).
+    start = next(r for r in store.read_metrics().records if r.get("source") == "orchestrator" and r.get("event") == "start")
+    assert start["servers"] == ["server0", "server1"]
+    servers_log = (store.logs_dir / "servers.log").read_text()
+    assert "server0 INFO serving on" in servers_log and "server1 INFO serving on" in servers_log
+
+
+def test_two_trainer_nodes_give_the_weights_of_two_ranks_on_one_node(four_nodes, two_ranks_one_node) -> None:
+    """Deterministic CPU mode: the same seed, rollouts and 2-rank all-reduce, whatever the
+    ranks' nodes; the weights published by gathering from ranks on two nodes are bit-identical."""
+    store, _ = four_nodes
+    assert differing(store, two_ranks_one_node, STEPS) == []
+    assert differing(store, two_ranks_one_node, STEPS - 1) == []
+    assert differing(store, store, STEPS, STEPS - 1), "the last step changed nothing: the comparison proves nothing"
+
+
+@pytest.fixture
+def drained():
+    """Nodes the test drains; every one is resumed afterwards, whatever happened."""
+    nodes: list[str] = []
+    yield nodes
+    for node in nodes:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], env=slurm_env(), check=False)
+
+
+def squeue_reason(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True,
+                          env=slurm_env()).stdout
+
+
+def wait_until(cond, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+    return value
+
+
+def test_a_requeue_with_a_node_drained_resumes_on_other_nodes_bit_exactly(slurm_cluster, tmp_path, drained,
+                                                                          two_ranks_one_node) -> None:
+    """Both servers on one node, the trainer on two: 3 of the 4 nodes. At checkpoint 1 the job
+    is suspended (so it cannot finish first), one of its trainer nodes drained and the job
+    requeued: the only free nodes are then another set, and rank 1 (or 0) reads the shard that a
+    rank on the drained node wrote. The result must be the uninterrupted run's, bit for bit."""
+    store = RunStore(tmp_path, "tiny", 1)
+    t0 = time.monotonic()
+    try:
+        out = submit(tmp_path, "--executor", "slurm", "slurm.inference.nodes=1", "slurm.inference.gpus_per_node=2",
+                     "slurm.trainer.nodes=2", "slurm.trainer.gpus_per_node=1")
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        (job,) = jobs_of(store)
+        wait_until(lambda: store.is_stable("checkpoints", 1), 300, "checkpoint 1")
+        subprocess.run(["scontrol", "suspend", job], env=slurm_env(), check=True)
+        first = component_nodes(job)
+        written_by = shard_nodes(store, 1)
+        victim = first[1][1]
+        drained.append(victim)
+        subprocess.run(["scontrol", "update", f"nodename={victim}", "state=drain", "reason=test"], env=slurm_env(),
+                       check=True)
+        subprocess.run(["scontrol", "requeue", job], env=slurm_env(), check=True)
+        # A job requeued while suspended comes back held (JobHeldAdmin) on Slurm 22.05.
+        wait_until(lambda: "JobHeldAdmin" in squeue_reason(job), 60, f"job {job} to be requeued")
+        subprocess.run(["scontrol", "release", job], env=slurm_env(), check=True)
+        wait_until(lambda: [r for r in sacct_rows(job) if r["id"] == f"{job}+1" and r["state"] == "COMPLETED"],
+                   420, f"job {job} to complete after the requeue", poll=3)
+    finally:
+        cancel_jobs(store)
+    print(f"3-node job with a requeue: {time.monotonic() - t0:.0f} s")
+    # sacct -D keeps the first attempt's rows: two node sets, the drained node only in the first.
+    rows = [r for r in sacct_rows(job, duplicates=True) if re.fullmatch(rf"{job}\+\d", r["id"])]
+    sets = {}
+    for r in rows:
+        sets.setdefault(r["start"], set()).update(hostnames(r["nodes"]))
+    assert len(sets) == 2, rows
+    before, after = (sets[k] for k in sorted(sets))
+    assert before == set(first[0] + first[1]) and victim in before and victim not in after, (before, after)
+    assert before != after and len(after) == 3
+    assert set(written_by.values()) == set(first[1])
+    # The second attempt resumed from checkpoint 1 (not a fresh start, not the end), on other nodes.
+    starts = [r for r in store.read_metrics().records if r.get("source") == "trainer" and r.get("event") == "start"]
+    assert [s["resumed_from"] for s in starts] == [None, 1], starts
+    assert set(shard_nodes(store, STEPS).values()) == set(component_nodes(job)[1]) != set(first[1])
+    assert differing(store, two_ranks_one_node, STEPS) == []
