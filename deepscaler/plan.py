@@ -18,6 +18,11 @@ Inference memory is vLLM's: weights, then the KV cache in what ``gpu_memory_util
 leaves, as a count of sequences of ``max_model_len`` at once. Time is FLOPs and decode tokens
 over stated, overridable assumptions. ``submit`` runs the plan and refuses a stage that does
 not fit (``--force`` overrides). The last line of ``--json`` is one JSON object.
+
+Layouts: the plan also compares every way to use the stage's GPUs (``shared``: each GPU serves
+then trains; ``split S+T``), with each one's step time, busy fraction, GPU-hours and whether it
+fits, and names the one with the fewest GPU-hours (``chosen``). ``--write-docs`` regenerates the
+table of the default stages in docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import json
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -172,13 +178,14 @@ def trace_micro_batch(cfg: Config, config, lengths: list[int], *, device: str = 
 
 
 
-def zero_states(cfg: Config, n_params: int) -> dict[str, float]:
+def zero_states(cfg: Config, n_params: int, ranks: int | None = None) -> dict[str, float]:
     """GiB per rank of what ZeRO partitions, besides the bf16 weights the trace holds: bf16
     gradients (partitioned from stage 2), fp32 master weights and Adam moments (partitioned
-    from stage 1; in CPU memory with ``offload_optimizer``), DeepSpeed's gradient bucket."""
+    from stage 1; in CPU memory with ``offload_optimizer``), DeepSpeed's gradient bucket.
+    ``ranks``: the trainer's ranks (default the configured ones; a layout may have others)."""
     from deepscaler.trainer.engine import BUCKET_ELEMENTS
 
-    ds, ranks = cfg.trainer.deepspeed, trainer_ranks(cfg)
+    ds, ranks = cfg.trainer.deepspeed, ranks or trainer_ranks(cfg)
     grads = 2 * n_params / (ranks if ds.zero_stage >= 2 else 1)
     optimizer = 0 if ds.offload_optimizer else ADAM_BYTES * n_params / (ranks if ds.zero_stage >= 1 else 1)
     bucket = 2 * min(BUCKET_ELEMENTS, n_params) if ds.zero_stage in (1, 2) else 0
@@ -216,6 +223,22 @@ def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
 
 
+_TRACES: dict[tuple, dict[str, int]] = {}
+
+
+def cached_trace(cfg: Config, config, lengths: list[int]) -> dict[str, int]:
+    """:func:`trace_micro_batch` on the meta device, once per process for what it reads (the
+    trainer's settings, the sampling temperature, the TIS cap, the prompt length, the model's
+    shape and the row): plans that differ only in GPUs, steps or sampling counts share it."""
+    from deepscaler.config import tis_cap
+
+    key = (repr(cfg.trainer), cfg.sampling.temperature, tis_cap(cfg), cfg.data.max_prompt_tokens,
+           config.to_json_string(), tuple(lengths))
+    if key not in _TRACES:
+        _TRACES[key] = trace_micro_batch(cfg, config, lengths)
+    return dict(_TRACES[key])
+
+
 def plan(cfg: Config, assume: Assumptions | None = None) -> dict[str, Any]:
     """Everything the planner says about a stage, as plain data (the JSON line)."""
     from deepscaler.hf_loading import model_config
@@ -224,7 +247,7 @@ def plan(cfg: Config, assume: Assumptions | None = None) -> dict[str, Any]:
     assume = assume or Assumptions()
     config = model_config(cfg)
     lengths = row_lengths(cfg)
-    traced = trace_micro_batch(cfg, config, lengths)
+    traced = cached_trace(cfg, config, lengths)
     n_params = sum(p.numel() for p in build_model(config, torch.bfloat16, "meta", "sdpa").parameters())
     states = zero_states(cfg, n_params)
     trainer = {"weights_gib": traced["weights"] / GIB,
@@ -255,6 +278,14 @@ def plan(cfg: Config, assume: Assumptions | None = None) -> dict[str, Any]:
     hours = steps * step_s / 3600
     gpus = tr_gpus + inf_gpus
     fits = trainer_peak <= gpu_gib
+    cost = StepCost(
+        gpus=gpus, configured=(inf_gpus, tr_gpus), tensor_parallel=inf.tensor_parallel, async_level=o.async_level,
+        sample_gpu_s=sample_s * inf_gpus, train_gpu_s=train_s * tr_gpus, sync_s=sync_s, steps=steps, gpu_gib=gpu_gib,
+        samples=samples, seq_tokens=seq_len, kv_bytes_per_token=kv_bytes_per_token(config),
+        server_weights_gib=weights_gib,
+        trainer_gib=lambda ranks: traced["peak"] / GIB + sum(zero_states(cfg, n_params, ranks).values()))
+    lays = layouts(cost)
+    chosen, choice = choose(lays)
     return {
         "stage": cfg.run.stage, "model": cfg.model.name, "params": n_params, "gpu_memory_gib": gpu_gib,
         "micro_batch": lengths, "trainer_ranks": tr_gpus, "zero_stage": cfg.trainer.deepspeed.zero_stage,
@@ -267,7 +298,129 @@ def plan(cfg: Config, assume: Assumptions | None = None) -> dict[str, Any]:
                  "gpu_hours": round(hours * gpus, 1), "gpus": gpus},
         "assumptions": dataclasses.asdict(assume),
         "fits": fits,
+        "async_level": o.async_level,
+        "layouts": lays,
+        "configured": next((lay["name"] for lay in lays if lay["configured"]), None),
+        "chosen": chosen,
+        "choice": choice,
     }
+
+
+# --------------------------------------------------------------------------- layouts
+
+# The layouts a stage's GPUs can take. ``shared``: every GPU runs one server and one trainer
+# rank, which take turns on-policy (sample, then train), as the paper's verl run did. Not called
+# "colocated": that already names one node holding the servers and the trainer on disjoint GPUs
+# (deepscaler/slurm/stage_job.py::layout). ``split S+T``: S GPUs serve and T train, the stage
+# files' layout today. The plan only predicts and compares them; the jobs run the configured split.
+SHARED_MARGIN_GIB = 4.0  # per shared GPU: a second CUDA context, and both processes' allocator slack
+
+
+@dataclass
+class StepCost:
+    """One step of a stage, as the layouts' time and memory are computed from it."""
+
+    gpus: int  # the stage's GPUs: inference + trainer
+    configured: tuple[int, int]  # (inference GPUs, trainer GPUs) of the config
+    tensor_parallel: int
+    async_level: int
+    sample_gpu_s: float  # GPU-seconds of one step's sampling (it scales with the serving GPUs)
+    train_gpu_s: float  # GPU-seconds of one step's training (with the trainer's ranks)
+    sync_s: float  # the weights hand-over, on no GPU's clock
+    steps: int
+    gpu_gib: float  # slurm.gpu_memory_gib
+    samples: int  # sequences per step
+    seq_tokens: int  # the longest a sequence can be (max_model_len)
+    kv_bytes_per_token: int
+    server_weights_gib: float  # per GPU
+    trainer_gib: Callable[[int], float]  # a trainer rank's peak at this many ranks (ZeRO partitions)
+
+
+def _layout(c: StepCost, name: str, step_s: float, busy: dict[str, float], fits: bool, why: str | None,
+            **extra: Any) -> dict[str, Any]:
+    busy_fraction = (c.sample_gpu_s + c.train_gpu_s) / (c.gpus * step_s)  # GPU-seconds busy / held
+    return {"name": name, "gpus": c.gpus, "step_s": round(step_s, 1), "busy_fraction": round(busy_fraction, 3),
+            "busy": {k: round(v, 3) for k, v in busy.items()},
+            "gpu_hours": round(c.steps * step_s / 3600 * c.gpus, 1), "fits": fits, "why": why, **extra}
+
+
+def split_layout(c: StepCost, serve: int, train: int) -> dict[str, Any]:
+    """S GPUs serve, T train: synchronous (async_level 0) a step is sampling then training; from
+    async_level 1 the two overlap, and the longer one sets the pace."""
+    sample_s, train_s = c.sample_gpu_s / serve, c.train_gpu_s / train
+    step_s = (sample_s + train_s if c.async_level == 0 else max(sample_s, train_s)) + c.sync_s
+    trainer = c.trainer_gib(train)
+    fits = trainer <= c.gpu_gib
+    why = None if fits else (
+        f"split {serve}+{train}: a trainer rank of {train} needs {trainer:.1f} GiB, more than slurm.gpu_memory_gib "
+        f"({c.gpu_gib:g}): give the trainer more GPUs (slurm.trainer.gpus_per_node, .nodes), set "
+        "trainer.deepspeed.activation_checkpointing=true or lower trainer.micro_batch_tokens")
+    return _layout(c, f"split {serve}+{train}", step_s, {"inference": sample_s / step_s, "trainer": train_s / step_s},
+                   fits, why, inference_gpus=serve, trainer_gpus=train, trainer_gib=round(trainer, 2))
+
+
+def shared_layout(c: StepCost) -> dict[str, Any]:
+    """Every GPU serves its share of the step's sequences, then trains as one of ``gpus`` ranks.
+    Per GPU it holds the trainer rank's peak, the server's weights, the KV cache of all its
+    sequences at full length at once, vLLM's overhead and :data:`SHARED_MARGIN_GIB`; the server's
+    ``gpu_memory_utilization`` is its part (weights, KV cache, overhead) of the GPU."""
+    tp, n = c.tensor_parallel, c.gpus
+    per_server = -(-c.samples // (n // tp))
+    kv = per_server * c.seq_tokens * c.kv_bytes_per_token / tp / GIB
+    trainer = c.trainer_gib(n)
+    server = c.server_weights_gib + kv + VLLM_OVERHEAD_GIB
+    total = trainer + server + SHARED_MARGIN_GIB
+    fits = total <= c.gpu_gib
+    memory = {"trainer": trainer, "server_weights": c.server_weights_gib, "kv_cache": kv,
+              "overhead": VLLM_OVERHEAD_GIB, "margin": SHARED_MARGIN_GIB, "total": total}
+    why = None if fits else (
+        f"shared: a GPU needs {total:.1f} GiB (trainer rank {trainer:.1f} + server weights {c.server_weights_gib:.1f} "
+        f"+ KV cache {kv:.1f} for {per_server} sequences of {c.seq_tokens} tokens + vLLM {VLLM_OVERHEAD_GIB:g} + margin "
+        f"{SHARED_MARGIN_GIB:g}), more than slurm.gpu_memory_gib ({c.gpu_gib:g}): lower orchestrator.prompts_per_step, "
+        "sampling.samples_per_prompt, sampling.max_response_tokens or trainer.micro_batch_tokens, or add GPUs "
+        "(slurm.inference.gpus_per_node, slurm.trainer.gpus_per_node, .nodes)")
+    sample_s, train_s = c.sample_gpu_s / n, c.train_gpu_s / n
+    step_s = sample_s + train_s + c.sync_s  # the two phases take turns on every GPU, at any async_level
+    return _layout(c, "shared", step_s, {"all": (sample_s + train_s) / step_s}, fits, why,
+                   inference_gpus=n, trainer_gpus=n,
+                   gpu_memory_utilization=min(1.0, -(-round(server / c.gpu_gib * 1e4) // 100) / 100),
+                   memory_gib={**{k: round(v, 2) for k, v in memory.items()}, "sequences_per_server": per_server})
+
+
+def layouts(c: StepCost) -> list[dict[str, Any]]:
+    """The shared layout (when the servers divide the GPUs), then every split whose servers
+    divide their GPUs, the configured one marked."""
+    out = [shared_layout(c)] if c.gpus % c.tensor_parallel == 0 else []
+    out += [split_layout(c, s, c.gpus - s) for s in range(1, c.gpus) if s % c.tensor_parallel == 0]
+    for lay in out:
+        lay["configured"] = (lay["inference_gpus"], lay["trainer_gpus"]) == c.configured and lay["name"] != "shared"
+    return out
+
+
+def describe(lay: dict[str, Any]) -> str:
+    if lay["name"] == "shared":
+        what = f"{lay['gpus']} GPUs each serve then train"
+    else:
+        what = f"{lay['inference_gpus']} GPUs serve, {lay['trainer_gpus']} train"
+    return f"{lay['name']}: {what}, {lay['gpu_hours']:.0f} GPU-hours (busy {lay['busy_fraction']:.0%})"
+
+
+def choose(lays: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """The layout the plan recommends: the fitting one with the fewest GPU-hours (ties: the
+    configured one), and one line that says why. A recommendation only: the jobs run the
+    configured split."""
+    configured = next((lay for lay in lays if lay["configured"]), None)
+    fitting = [lay for lay in lays if lay["fits"]]
+    if not fitting:
+        return None, "best layout: none fits" + (f"; {configured['why']}" if configured else "")
+    best = min(fitting, key=lambda lay: (lay["gpu_hours"], not lay["configured"]))
+    if best is configured:
+        return best["name"], (f"best layout: the configured {describe(best)}, the fewest of the {len(fitting)} "
+                               "layouts that fit")
+    if configured is None:
+        return best["name"], f"best layout: {describe(best)}, the fewest of the {len(fitting)} layouts that fit"
+    return best["name"], (f"best layout: {describe(best)}, vs the configured {describe(configured)}"
+                          + ("" if configured["fits"] else ", which does not fit"))
 
 
 def refusal(p: dict[str, Any]) -> str | None:
@@ -303,8 +456,81 @@ def table(p: dict[str, Any]) -> str:
         f"{tm['gpu_hours']:.0f} GPU-hours on {tm['gpus']} GPUs",
         f"assuming: {a['gpu_tflops']:g} TFLOP/s peak, MFU {a['mfu']:g}, {a['decode_tok_s']:g} decode tok/s per GPU, "
         f"{a['fs_gb_s']:g} GB/s filesystem, responses {a['response_frac']:g} x max_response_tokens on average",
+        *layout_lines(p),
     ]
     return "\n".join(lines)
+
+
+def shown_layouts(p: dict[str, Any], most: int = 8) -> list[dict[str, Any]]:
+    """All layouts when they are few; else the shared one, the chosen, the best split and the
+    configured one (``--json`` has them all)."""
+    lays = p["layouts"]
+    if len(lays) <= most:
+        return lays
+    splits = [lay for lay in lays if lay["name"] != "shared" and lay["fits"]]
+    best_split = min(splits, key=lambda lay: lay["gpu_hours"])["name"] if splits else None
+    keep = {"shared", p["chosen"], p["configured"], best_split}
+    return [lay for lay in lays if lay["name"] in keep]
+
+
+def layout_lines(p: dict[str, Any]) -> list[str]:
+    lays, shown = p["layouts"], shown_layouts(p)
+    lines = [f"layouts of the {p['time']['gpus']} GPUs (orchestrator.async_level {p['async_level']}; "
+             "busy: GPU-seconds at work over GPU-seconds held):",
+             f"  {'layout':24} {'step':>7} {'busy':>5} {'GPU-hours':>10}  memory"]
+    for lay in shown:
+        name = lay["name"] + (" (configured)" if lay["configured"] else "")
+        if lay["name"] == "shared":
+            m = lay["memory_gib"]
+            memory = (f"{m['total']:.1f} GiB per GPU: trainer {m['trainer']:.1f} + server {m['server_weights']:.1f} "
+                      f"+ KV {m['kv_cache']:.1f} ({m['sequences_per_server']} sequences) + {m['overhead']:g} + margin "
+                      f"{m['margin']:g}; gpu_memory_utilization {lay['gpu_memory_utilization']:.2f}")
+        else:
+            memory = (f"trainer {lay['trainer_gib']:.1f} GiB; busy serving {lay['busy']['inference']:.0%}, "
+                      f"training {lay['busy']['trainer']:.0%}")
+        lines.append(f"  {name:24} {lay['step_s']:5.0f} s {lay['busy_fraction']:5.0%} {lay['gpu_hours']:10.0f}  "
+                     f"{memory}{'' if lay['fits'] else ': DOES NOT FIT'}")
+    if len(shown) < len(lays):
+        lines.append(f"  ({len(lays) - len(shown)} more splits in --json)")
+    return lines + [p["choice"]]
+
+
+# --------------------------------------------------------------------------- the generated table of docs/cluster.md
+
+DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "cluster.md"
+DOC_REGENERATE = "python -m deepscaler.plan --write-docs"
+DOC_BEGIN = f"<!-- BEGIN generated by `{DOC_REGENERATE}`; do not edit by hand. -->"
+DOC_END = "<!-- END generated layout table -->"
+
+
+def layouts_doc(stages: tuple[int, ...] = (1, 2, 3)) -> str:
+    """The layouts of the default stages under the default assumptions, as Markdown between
+    :data:`DOC_BEGIN` and :data:`DOC_END`."""
+    lines = [DOC_BEGIN, "", "| stage | GPUs | layout | step | busy | GPU-hours | memory per GPU | fits |",
+             "|---|---|---|---|---|---|---|---|"]
+    choices = []
+    for stage in stages:
+        p = plan(stage_config(stage))
+        for lay in shown_layouts(p, most=0):
+            marks = [m for m, on in (("configured", lay["configured"]), ("chosen", lay["name"] == p["chosen"])) if on]
+            name = f"{lay['name']}" + (f" ({', '.join(marks)})" if marks else "")
+            memory = (f"{lay['memory_gib']['total']:.1f} GiB, `gpu_memory_utilization` {lay['gpu_memory_utilization']:.2f}"
+                      if lay["name"] == "shared" else f"trainer {lay['trainer_gib']:.1f} GiB")
+            lines.append(f"| {stage} | {lay['gpus']} | {name} | {lay['step_s']:.0f} s | {lay['busy_fraction']:.0%} | "
+                         f"{lay['gpu_hours']:.0f} | {memory} | {'yes' if lay['fits'] else 'no'} |")
+        choices.append(f"- stage {stage}: {p['choice']}")
+    return "\n".join([*lines, "", *choices, "", DOC_END])
+
+
+def write_layouts_doc(path: Path = DOC_PATH) -> None:
+    """Replace the generated section of docs/cluster.md, atomically."""
+    import os
+
+    text = path.read_text(encoding="utf-8")
+    begin, end = text.index(DOC_BEGIN), text.index(DOC_END) + len(DOC_END)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text[:begin] + layouts_doc() + text[end:], encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,8 +540,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="end with the plan as one JSON line")
     for field in dataclasses.fields(Assumptions):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=float, default=field.default)
+    parser.add_argument("--write-docs", action="store_true",
+                        help="rewrite the layout table of docs/cluster.md (the default stages and assumptions)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parse_command_line(parser, argv)
+    if args.write_docs:
+        write_layouts_doc()
+        print(f"wrote the layout table of {DOC_PATH}")
+        return 0
     try:
         cfg = stage_config(args.stage, args.preset, refuse_repeated_keys(args.overrides))
         p = plan(cfg, Assumptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Assumptions)}))

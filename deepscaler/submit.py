@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGHUP, signal.default_int_handler)
     for i, cfg in enumerate(configs):
-        print(f"# {describe(cfg)}", flush=True)
-        try:
+        try:  # the line inside: a Ctrl-C just after it (the user read it) is still this handler's
+            print(f"# {describe(cfg)}", flush=True)
             # Only the first stage resumes; a later one starts from its predecessor's checkpoint.
             store = run_stage(cfg, args.resume_step if i == 0 else None)
         except KeyboardInterrupt:

@@ -108,3 +108,88 @@ def test_a_cpu_preset_has_nothing_to_plan():
     from deepscaler.submit import plan_gpu_stages
 
     assert plan_gpu_stages([stage_config(1, "tiny-random")]) == {}
+
+
+# --------------------------------------------------------------------------- layouts (issue 21)
+
+
+@pytest.fixture(scope="module")
+def stage_1_plan():
+    return plan.plan(stage_config(1))
+
+
+def layout(p, name):
+    return next(lay for lay in p["layouts"] if lay["name"] == name)
+
+
+def test_stage_1_chooses_a_layout_at_most_55_percent_of_the_configured_gpu_hours(stage_1_plan):
+    """The configured 4+4 split, synchronous, idles half its GPUs; the chosen layout does not."""
+    p = stage_1_plan
+    configured = layout(p, p["configured"])
+    assert configured["name"] == "split 4+4" and configured["gpu_hours"] == p["time"]["gpu_hours"]
+    assert configured["busy_fraction"] < 0.55
+    chosen = layout(p, p["chosen"])
+    assert chosen["fits"] and chosen["gpus"] == 8
+    assert chosen["gpu_hours"] <= 0.55 * configured["gpu_hours"] and chosen["busy_fraction"] >= 0.85
+    assert min(lay["gpu_hours"] for lay in p["layouts"] if lay["fits"]) == chosen["gpu_hours"]
+    # every split of 8 GPUs, and the shared one
+    assert sorted(lay["name"] for lay in p["layouts"]) == sorted(["shared", *(f"split {s}+{8 - s}" for s in range(1, 8))])
+    for lay in p["layouts"]:
+        assert set(lay) >= {"name", "gpus", "step_s", "busy_fraction", "gpu_hours", "fits", "why"}
+        assert 0 < lay["busy_fraction"] <= 1 and (lay["why"] is None) == lay["fits"]
+    assert p["chosen"] in p["choice"] and "split 4+4" in p["choice"]
+
+
+def test_async_splits_overlap_their_phases():
+    """At async_level 1 a split's step is the longer phase plus the weights, not their sum."""
+    p = plan.plan(stage_config(1, None, ["orchestrator.async_level=1"]))
+    t = p["time"]
+    four = layout(p, "split 4+4")
+    assert four["step_s"] == pytest.approx(max(t["sample_s"], t["train_s"]) + t["weights_sync_s"], abs=0.2)
+    assert four["busy"]["inference"] == pytest.approx(1.0 - t["weights_sync_s"] / four["step_s"], abs=0.01)
+    assert layout(p, "split 6+2")["step_s"] < four["step_s"]  # sampling is the longer phase
+
+
+def test_the_shared_layout_memory_of_the_1_5b_shape_fits_80_gib(stage_1_plan):
+    """Per GPU: a trainer rank of 8 (ZeRO partitions over 8), a server's weights, the KV cache of
+    its 128 of the step's 1024 sequences at 9216 tokens, vLLM's overhead and the margin."""
+    shared = layout(stage_1_plan, "shared")
+    m = shared["memory_gib"]
+    assert m["sequences_per_server"] == 128
+    assert m["kv_cache"] == pytest.approx(128 * 9216 * 28672 / GIB, abs=0.01)  # 28 KiB per token
+    assert m["trainer"] < stage_1_plan["trainer_peak_gib"]  # the optimizer is split 8 ways, not 4
+    parts = m["trainer"] + m["server_weights"] + m["kv_cache"] + m["overhead"] + m["margin"]
+    assert m["total"] == pytest.approx(parts, abs=0.02) and m["total"] <= 80 and shared["fits"]
+    util = shared["gpu_memory_utilization"]
+    assert (m["server_weights"] + m["kv_cache"] + m["overhead"]) / 80 <= util < 1 - (m["trainer"] + m["margin"]) / 80
+
+
+def test_a_shared_layout_that_does_not_fit_is_refused_naming_the_keys():
+    big = plan.plan(stage_config(1, None, ["orchestrator.prompts_per_step=512"]))
+    shared = layout(big, "shared")
+    assert not shared["fits"] and shared["memory_gib"]["total"] > 80
+    assert "\n" not in shared["why"] and "orchestrator.prompts_per_step" in shared["why"]
+    assert "sampling.max_response_tokens" in shared["why"] and "gpus_per_node" in shared["why"]
+    assert big["chosen"] != "shared" and layout(big, big["chosen"])["fits"]
+
+
+def test_the_shared_layout_fits_exactly_up_to_the_gpu_memory(stage_1_plan):
+    """The boundary: the same shape on a GPU just above, then just below, the total it needs."""
+    total = layout(stage_1_plan, "shared")["memory_gib"]["total"]
+    above = plan.plan(stage_config(1, None, [f"slurm.gpu_memory_gib={total + 0.02}"]))
+    below = plan.plan(stage_config(1, None, [f"slurm.gpu_memory_gib={total - 0.02}"]))
+    assert layout(above, "shared")["fits"] and above["chosen"] == "shared"
+    assert not layout(below, "shared")["fits"] and below["chosen"] != "shared"
+
+
+def test_the_table_lists_the_layouts_and_the_choice(stage_1_plan):
+    text = plan.table(stage_1_plan)
+    assert "split 4+4 (configured)" in text and "gpu_memory_utilization" in text
+    assert stage_1_plan["choice"] in text
+
+
+def test_the_layout_table_of_docs_cluster_is_current():
+    committed = (REPO / "docs" / "cluster.md").read_text(encoding="utf-8")
+    begin, end = committed.index(plan.DOC_BEGIN), committed.index(plan.DOC_END) + len(plan.DOC_END)
+    assert committed[begin:end] == plan.layouts_doc(), (
+        f"docs/cluster.md's layout table is stale; regenerate it with: {plan.DOC_REGENERATE}")
