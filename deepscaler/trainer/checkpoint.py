@@ -33,9 +33,7 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import random
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ from deepscaler.errors import one_line
 from deepscaler.faults import maybe_crash
 from deepscaler.safetensors_io import load_tensors, read_safetensors_header, save_tensors
 from deepscaler.store import STABLE, CorruptFileError, RunStore, StoreError, atomic_write_json, read_json
+from deepscaler.trainer.engine import node_name
 
 log = logging.getLogger("deepscaler.trainer")
 
@@ -366,7 +365,7 @@ def save_checkpoint(store: RunStore, step: int, engine, *, scheduler=None, progr
         save_tensors(tmp / rank_tensor_file(ranks.rank), _storable({**opt_tensors, **rng_tensors}),
                      metadata={"format": str(FORMAT_VERSION), "rank": str(ranks.rank), "step": str(step)})
         atomic_write_json(tmp / rank_json_file(ranks.rank),
-                          {"format": FORMAT_VERSION, "rank": ranks.rank, "step": step, "node": _node(),
+                          {"format": FORMAT_VERSION, "rank": ranks.rank, "step": step, "node": node_name(),
                            "optimizer": opt_tree, "rng": rng_json}, indent=None)
         if ranks.rank == 0:
             save_tensors(tmp / MODEL_FILE, _storable(model_state), metadata={"format": "pt", "step": str(step)})
@@ -396,12 +395,6 @@ def save_checkpoint(store: RunStore, step: int, engine, *, scheduler=None, progr
             raise published
         raise CheckpointError(f"checkpoint step {step} could not be published: {final[0]}")
     return store.step_path("checkpoints", step)
-
-
-def _node() -> str:
-    """Where a rank wrote its shard (the Slurm node, else the host): for reading a multi-node
-    run's checkpoint afterwards, not for loading."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def _trainer_state(step: int, engine, stage: int, ranks: _Ranks, scheduler, progress: dict | None) -> dict:

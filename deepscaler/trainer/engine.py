@@ -84,8 +84,12 @@ def resolve_ranks(env: dict, cuda_devices: int) -> Dist:
     if cuda_devices:
         device = torch.device("cuda", cuda_device_index(local_rank, cuda_devices))
         env["LOCAL_RANK"] = str(device.index)
-    node = env.get("SLURMD_NODENAME") or socket.gethostname()
-    return Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank, device, node)
+    return Dist(int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank, device, node_name(env))
+
+
+def node_name(env=os.environ) -> str:
+    """The Slurm node a process runs on (``SLURMD_NODENAME``), else the host's name."""
+    return env.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def init_distributed() -> Dist:

@@ -21,6 +21,7 @@ import pytest
 from safetensors.torch import load_file
 
 from deepscaler.store import RunStore
+from tests.integration.test_slurm_stage import hostnames, submitted_jobs, wait_until
 from tests.slurm_cluster import slurm_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -40,19 +41,9 @@ def submit(out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedPro
     return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=timeout, env={**slurm_env(), **ENV})
 
 
-def jobs_of(store: RunStore) -> list[str]:
-    return [str(r["slurm_job_id"]) for r in store.read_metrics().records if r.get("event") == "submitted"]
-
-
 def cancel_jobs(store: RunStore) -> None:
-    if store.metrics_path.exists() and jobs_of(store):
-        subprocess.run(["scancel", *jobs_of(store)], env=slurm_env(), check=False)
-
-
-def hostnames(nodelist: str) -> list[str]:
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True,
-                         env=slurm_env())
-    return out.stdout.split()
+    if store.metrics_path.exists() and submitted_jobs(store):
+        subprocess.run(["scancel", *submitted_jobs(store)], env=slurm_env(), check=False)
 
 
 def sacct_rows(job: str, *, duplicates: bool = False) -> list[dict[str, str]]:
@@ -114,7 +105,7 @@ def four_nodes(slurm_cluster, tmp_path_factory):
         done = submit(out, "--executor", "slurm", "--wait", *TWO_SERVERS_TWO_TRAINER_NODES)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         print(f"4-node job: {time.monotonic() - t0:.0f} s")
-        (job,) = jobs_of(store)
+        (job,) = submitted_jobs(store)
         yield store, job
     finally:
         cancel_jobs(store)
@@ -163,15 +154,6 @@ def squeue_reason(job: str) -> str:
                           env=slurm_env()).stdout
 
 
-def wait_until(cond, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(poll)
-    return value
-
-
 def test_a_requeue_with_a_node_drained_resumes_on_other_nodes_bit_exactly(slurm_cluster, tmp_path, drained,
                                                                           two_ranks_one_node) -> None:
     """Both servers on one node, the trainer on two: 3 of the 4 nodes. At checkpoint 1 the job
@@ -184,8 +166,8 @@ def test_a_requeue_with_a_node_drained_resumes_on_other_nodes_bit_exactly(slurm_
         out = submit(tmp_path, "--executor", "slurm", "slurm.inference.nodes=1", "slurm.inference.gpus_per_node=2",
                      "slurm.trainer.nodes=2", "slurm.trainer.gpus_per_node=1")
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        (job,) = jobs_of(store)
-        wait_until(lambda: store.is_stable("checkpoints", 1), 300, "checkpoint 1")
+        (job,) = submitted_jobs(store)
+        wait_until(lambda: store.is_stable("checkpoints", 1), 300, "checkpoint 1", poll=0.5)
         subprocess.run(["scontrol", "suspend", job], env=slurm_env(), check=True)
         first = component_nodes(job)
         written_by = shard_nodes(store, 1)
@@ -195,7 +177,7 @@ def test_a_requeue_with_a_node_drained_resumes_on_other_nodes_bit_exactly(slurm_
                        check=True)
         subprocess.run(["scontrol", "requeue", job], env=slurm_env(), check=True)
         # A job requeued while suspended comes back held (JobHeldAdmin) on Slurm 22.05.
-        wait_until(lambda: "JobHeldAdmin" in squeue_reason(job), 60, f"job {job} to be requeued")
+        wait_until(lambda: "JobHeldAdmin" in squeue_reason(job), 60, f"job {job} to be requeued", poll=0.5)
         subprocess.run(["scontrol", "release", job], env=slurm_env(), check=True)
         wait_until(lambda: [r for r in sacct_rows(job) if r["id"] == f"{job}+1" and r["state"] == "COMPLETED"],
                    420, f"job {job} to complete after the requeue", poll=3)

@@ -173,12 +173,18 @@ def trainer_rank_nodes(store: RunStore) -> dict[int, str]:
     return {int(rank): node for rank, node in found}
 
 
+def hostnames(nodelist: str) -> list[str]:
+    """``node[1-2]`` -> ``["node1", "node2"]``, by Slurm itself."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True,
+                         env=slurm_env())
+    return out.stdout.split()
+
+
 def job_nodes(job_id: str) -> list[str]:
     """The nodes sacct records for a job (every component of a hetjob)."""
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "NodeList"], capture_output=True, text=True,
                          env=slurm_env()).stdout.split()
-    return sorted({n for lst in out for n in subprocess.run(["scontrol", "show", "hostnames", lst], capture_output=True,
-                                                             text=True, env=slurm_env()).stdout.split()})
+    return sorted({node for nodelist in out for node in hostnames(nodelist)})
 
 
 def test_chained_stages_wait_for_each_other_and_stage_2_starts_from_stage_1(slurm_cluster, tmp_path: Path) -> None:

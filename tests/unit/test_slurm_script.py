@@ -283,6 +283,12 @@ def test_a_stage_override_applies_to_its_stage_only(tmp_path: Path) -> None:
         shapes("--stages", "1,2", "stage3.slurm.trainer.nodes=2")
     with pytest.raises(ConfigError, match="unknown key 'slurm.trainer.node'"):
         shapes("--stages", "1,2", "stage2.slurm.trainer.node=2")
+    # Nearby forms still accepted: a dotted value, and a key that only starts like a stage's.
+    lrs = [c.trainer.optimizer.lr for c in resolve(build_parser().parse_args(
+        ["--preset", "tiny-random", "--output-dir", str(tmp_path), "--stages", "1,2", "stage2.trainer.optimizer.lr=2.5e-5"]))]
+    assert lrs[1] == 2.5e-5 and lrs[0] != 2.5e-5
+    with pytest.raises(ConfigError, match="unknown key 'stages'"):  # not a stage prefix: an ordinary (unknown) key
+        shapes("--stages", "1,2", "stages.x=1")
 
 
 def test_a_stage_that_loads_the_optimizer_state_must_keep_the_trainer_shape(tmp_path: Path) -> None:
