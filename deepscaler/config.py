@@ -5,16 +5,19 @@ login node at submit time, not run silently with the default. Every YAML file an
 command-line override is checked against the dataclasses below; errors are one line and
 name the file (or the override), the dotted key and the closest valid key.
 
-Composition: a file may say ``extends: base.yaml`` (or a list), resolved relative to
-itself; later files and then ``key.path=value`` overrides win.
+Composition: a file may say ``extends: base.yaml`` (or a list): a path relative to the file,
+else a shipped name (``tiny``), as ``--preset`` finds it. Later files and then
+``key.path=value`` overrides win; ``--sources`` shows which one set each value.
 
     python -m deepscaler.config yaml/stage2.yaml trainer.optimizer.lr=2e-6
+    python -m deepscaler.config stage1 ~/site.yaml tiny --sources
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -27,8 +30,8 @@ import yaml
 
 from deepscaler.process import umask_bits
 from deepscaler.slurm.options import control_character_keys, time_seconds, valid_time
-from deepscaler.strict_yaml import (ConfigError, apply_override, build, flags_to_overrides, hint, merge, parse_override,
-                                    read_file)
+from deepscaler.strict_yaml import (ConfigError, build, flags_to_overrides, hint, leaves, merge, parse_override,
+                                    read_file, read_override)
 
 __all__ = ["ConfigError"]  # raised by every loader; defined with the generic checker
 
@@ -41,9 +44,10 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 @dataclass
 class RunConfig:
-    # Run name: <output_dir>/<name>/stage<K>/, Slurm job names deepscaler-<name>-s<K>.
+    # Run name: <output_dir>/<name>/stage<K>/, Slurm job names s<K>-<name>-deepscaler.
     name: str = "deepscaler"
-    # Root of every run, on the shared filesystem (same path on all nodes).
+    # Root of every run, on the shared filesystem (same path on all nodes); submit makes a relative
+    # one absolute, from the folder it runs in.
     output_dir: str = "outputs"
     # Which stage of the recipe this is (1-3); set by yaml/stage<K>.yaml.
     stage: int = 1
@@ -287,10 +291,16 @@ class SlurmConfig:
     constraint: Union[str, None] = None
     # GPUs on one node of the partition; requests above it are refused at submit.
     gpus_per_node_max: int = 8
-    # Memory of one GPU; submit refuses a stage whose trainer needs more (python -m deepscaler.plan).
+    # Memory of one GPU; submit refuses a stage that needs more on one: a trainer rank, or on a
+    # shared GPU a trainer rank and a server together (python -m deepscaler.plan).
     gpu_memory_gib: float = 80.0
-    # auto: the servers and the trainer as one allocation on one node when they fit on one
-    # (disjoint GPUs per job step); true insists, false never (docs/cluster.md).
+    # shared: every GPU of the stage (both components' GPUs, pooled) runs one server and one
+    # trainer rank, which take turns; split: the servers and the trainer on separate GPUs;
+    # auto: the one of fewer predicted GPU-hours that fits memory, chosen at submit by
+    # python -m deepscaler.plan (docs/cluster.md, "Layouts").
+    layout: Literal["auto", "shared", "split"] = "auto"
+    # split only: auto: the servers and the trainer as one allocation on one node when they fit
+    # on one (disjoint GPUs per job step); true insists, false never (docs/cluster.md).
     colocate: Union[bool, Literal["auto"]] = "auto"
     # When not colocated: false makes two ordinary jobs instead of one heterogeneous job, for
     # clusters without hetjob support.
@@ -407,16 +417,39 @@ def yaml_dir() -> Path:
     raise ConfigError(f"cannot find the deepscaler yaml/ folder (looked in {', '.join(map(str, candidates))})")
 
 
+def shipped_config(name: str | os.PathLike) -> Path | None:
+    """The file a name (``stage1``, ``tiny.yaml``) names in the shipped yaml/, if there is one."""
+    p = Path(name)
+    shipped = yaml_dir() / (p.name if p.suffix else f"{p.name}.yaml")
+    return shipped if shipped.is_file() else None
+
+
+def shipped_hint(name: str | os.PathLike) -> str:
+    """' (did you mean ...?)' with the closest shipped config's name."""
+    return hint(Path(name).stem, sorted(x.stem for x in yaml_dir().glob("*.yaml")))
+
+
 def find_config(name: str | os.PathLike) -> Path:
     """A config path as given, or a name (``stage1``, ``tiny.yaml``) in the shipped yaml/."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    shipped = yaml_dir() / (p.name if p.suffix else f"{p.name}.yaml")
-    if shipped.is_file():
-        return shipped
-    known = sorted(x.stem for x in yaml_dir().glob("*.yaml"))
-    raise ConfigError(f"{name}: no such config file{hint(p.stem, known)}")
+    found = Path(name) if Path(name).is_file() else shipped_config(name)
+    if found is None:
+        raise ConfigError(f"{name}: no such config file{shipped_hint(name)}")
+    return found
+
+
+def extends_target(file: Path, name: str) -> Path:
+    """The file that ``extends: name`` in ``file`` reads: ``name`` relative to ``file`` (or an
+    absolute path), else a bare name (``tiny``, ``tiny.yaml``: no folder part) in the shipped
+    yaml/, as ``--preset`` finds it, so that a site file anywhere can say ``extends: tiny``."""
+    near = file.parent / name
+    if near.is_file():
+        return near
+    bare = Path(name).name == name
+    shipped = shipped_config(name) if bare else None
+    if shipped is None:
+        where = f", neither next to it nor in the shipped yaml/{shipped_hint(name)}" if bare else ""
+        raise ConfigError(f"{file}: key 'extends' names a missing file '{name}'{where}")
+    return shipped
 
 
 def refuse_repeated_keys(overrides: list[str]) -> list[str]:
@@ -433,15 +466,29 @@ def refuse_repeated_keys(overrides: list[str]) -> list[str]:
 
 def load_config(files: list[str | os.PathLike] | str | os.PathLike, overrides: list[str] = ()) -> Config:
     """Load, merge, override and validate. Raises ConfigError with a one-line message."""
+    return load_layers(files, overrides)[0]
+
+
+def load_layers(files: list[str | os.PathLike] | str | os.PathLike,
+                overrides: list[str] = ()) -> tuple[Config, list[tuple[str, dict[str, Any]]]]:
+    """:func:`load_config`, and its layers: (source, checked data) in the order they merge, each
+    file after what it ``extends``, then each override (:func:`sources` reads them)."""
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    layers = [(str(path), data) for f in files for path, data in read_file(find_config(f), Config, extends_target)]
+    layers += [(f"override '{text}'", read_override(text, Config)) for text in overrides]
     data: dict[str, Any] = {}
-    for f in files:
-        data = merge(data, read_file(find_config(f), Config))
-    for text in overrides:
-        data = apply_override(data, text, Config)
+    for _, layer in layers:
+        data = merge(data, layer)
     cfg = build(Config, data)
     validate(cfg, " + ".join([str(f) for f in files] + list(overrides)) or "defaults")
-    return cfg
+    return cfg, layers
+
+
+def sources(cfg: Config, layers: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, source) of every leaf of ``cfg``: the last layer that set it, or
+    ``default`` (the dataclass default), so that a dropped site setting is seen, not guessed."""
+    setter = {key: source for source, layer in layers for key in leaves(layer)}  # later layers win
+    return [(key, value, setter.get(key, "default")) for key, value in leaves(to_dict(cfg)).items()]
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -472,12 +519,11 @@ def load_config_args(files: list[str], overrides: list[str] = ()) -> Config:
     return load_config([i for i in items if "=" not in i], refuse_repeated_keys([i for i in items if "=" in i]))
 
 
-def stage_config(stage: int, preset: str | None = None, overrides: list[str] = ()) -> Config:
-    """The config the submitter uses: ``yaml/stage<K>.yaml``, then the preset, then overrides."""
-    files: list[str | Path] = [find_config(f"stage{stage}")]
-    if preset:
-        files.append(find_config(preset))
-    return load_config(files, overrides)
+def stage_config(stage: int, presets: str | list[str] | None = None, overrides: list[str] = ()) -> Config:
+    """The config the submitter uses: ``yaml/stage<K>.yaml``, then each preset in order (a site
+    file, then ``tiny``: the later wins), then overrides."""
+    presets = [presets] if isinstance(presets, str) else list(presets or [])
+    return load_config([find_config(f"stage{stage}"), *presets], overrides)
 
 
 # --------------------------------------------------------------------------- meaning
@@ -682,6 +728,13 @@ def validate(cfg: Config, source: str) -> None:
         f"is true, but the servers ({s_inf.nodes} x {s_inf.gpus_per_node} GPUs) and the trainer ({s_tr.nodes} x "
         f"{s_tr.gpus_per_node}) do not fit on one node of slurm.gpus_per_node_max={cfg.slurm.gpus_per_node_max} GPUs",
     )
+    if cfg.slurm.layout == "shared":
+        try:
+            _, pooled = shared_shape(cfg)
+        except ConfigError:
+            need(False, "slurm.layout", "is shared, but " + _UNPOOLED.format(inf=cfg.slurm.inference, tr=cfg.slurm.trainer))
+        need(pooled % cfg.inference.tensor_parallel == 0, "inference.tensor_parallel",
+             f"({cfg.inference.tensor_parallel}) must divide the GPUs per node of the shared stage ({pooled})")
     tp, inf = cfg.inference.tensor_parallel, cfg.slurm.inference
     if inf.gpus_per_node:
         need(
@@ -731,20 +784,47 @@ def tis_cap(cfg: Config) -> float | None:
     return cap
 
 
+def stage_layout(cfg: Config) -> str:
+    """``shared`` or ``split`` (``slurm.layout``). ``auto`` is resolved at submit, where the
+    planner runs (``deepscaler.plan.resolve_layout``), and written to run.yaml; until then a
+    config counts as split, the shape its components describe."""
+    return "shared" if cfg.slurm.layout == "shared" else "split"
+
+
+def shared_shape(cfg: Config) -> tuple[int, int]:
+    """(nodes, GPUs per node) of a shared stage: both components' GPUs pooled. Components on one
+    node each that fit one node together become that node (stage 1's 4 + 4 GPUs: one node of 8);
+    components of equal GPUs per node pool their nodes (stage 2's 2 x 8 + 2 x 8: 4 nodes of 8).
+    Other shapes raise ConfigError (:func:`validate` names them first)."""
+    inf, tr = cfg.slurm.inference, cfg.slurm.trainer
+    if inf.nodes == tr.nodes == 1 and inf.gpus_per_node + tr.gpus_per_node <= cfg.slurm.gpus_per_node_max:
+        return 1, inf.gpus_per_node + tr.gpus_per_node
+    if inf.gpus_per_node == tr.gpus_per_node:
+        return inf.nodes + tr.nodes, inf.gpus_per_node
+    raise ConfigError(f"the GPUs cannot be shared: {_UNPOOLED.format(inf=inf, tr=tr)}")
+
+
+_UNPOOLED = ("the servers ({inf.nodes} x {inf.gpus_per_node} GPUs) and the trainer ({tr.nodes} x {tr.gpus_per_node}) "
+             "do not pool into whole nodes: give both components the same gpus_per_node, or put both on one node")
+
+
 def server_names(cfg: Config) -> list[str]:
-    """The inference servers of a stage: one per ``inference.tensor_parallel`` GPUs of the
-    inference component, at least one per node. A CPU component (``gpus_per_node: 0``, the
-    tiny presets) runs one server per node, so a CPU stage keeps the shape of its GPU stage."""
-    inf = cfg.slurm.inference
-    count = max(inf.nodes, inf.nodes * inf.gpus_per_node // cfg.inference.tensor_parallel)
+    """The inference servers of a stage: one per ``inference.tensor_parallel`` GPUs it serves
+    on (the inference component's, or every GPU of a shared stage), at least one per node. A CPU
+    stage (``gpus_per_node: 0``, the tiny presets) runs one server per node, so it keeps the
+    shape of its GPU stage."""
+    nodes, gpus = shared_shape(cfg) if stage_layout(cfg) == "shared" else (
+        cfg.slurm.inference.nodes, cfg.slurm.inference.gpus_per_node)
+    count = max(nodes, nodes * gpus // cfg.inference.tensor_parallel)
     return [f"server{i}" for i in range(count)]
 
 
 def trainer_ranks(cfg: Config) -> int:
-    """The trainer's ranks: one per GPU of the trainer component, one per node on CPU
-    (``gpus_per_node: 0``), as its Slurm job step runs them."""
-    tr = cfg.slurm.trainer
-    return tr.nodes * max(1, tr.gpus_per_node)
+    """The trainer's ranks: one per GPU it trains on (the trainer component's, or every GPU of a
+    shared stage), one per node on CPU (``gpus_per_node: 0``), as its Slurm job step runs them."""
+    nodes, gpus = shared_shape(cfg) if stage_layout(cfg) == "shared" else (
+        cfg.slurm.trainer.nodes, cfg.slurm.trainer.gpus_per_node)
+    return nodes * max(1, gpus)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -759,14 +839,17 @@ def to_yaml(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deepscaler.config FILE [FILE...] [key=value...]``: print the resolved YAML."""
-    import argparse
-
+    """``python -m deepscaler.config FILE [FILE...] [key=value...] [--sources]``: print the
+    resolved YAML, or each value with the file or override that set it."""
     parser = argparse.ArgumentParser(
         prog="python -m deepscaler.config",
-        description="Print the fully resolved config as YAML. Later files and key=value overrides win.",
+        description="Print the fully resolved config as YAML. Later files and key=value overrides win. "
+                    "A FILE is a path or a shipped name (stage1, tiny).",
     )
     parser.add_argument("items", nargs="+", metavar="FILE|key=value")
+    parser.add_argument("--sources", action="store_true",
+                        help="print every key with its value and the file or override that set it "
+                             "(default: the built-in default)")
     args = parse_command_line(parser, argv)
     files = [a for a in args.items if "=" not in a]
     overrides = [a for a in args.items if "=" in a]
@@ -776,11 +859,16 @@ def main(argv: list[str] | None = None) -> int:
         for item in files:
             if not Path(item).exists() and item.split(".")[0] in _field_names(Config):
                 raise ConfigError(f"'{item}': expected key=value (it is not a config file)")
-        cfg = load_config(files, refuse_repeated_keys(overrides))
+        cfg, layers = load_layers(files, refuse_repeated_keys(overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sys.stdout.write(to_yaml(cfg))
+    if not args.sources:
+        sys.stdout.write(to_yaml(cfg))
+        return 0
+    rows = [(f"{key}: {json.dumps(value)}", source) for key, value, source in sources(cfg, layers)]
+    width = min(60, max(len(text) for text, _ in rows))
+    sys.stdout.write("".join(f"{text.ljust(width)}  # {source}\n" for text, source in rows))
     return 0
 
 

@@ -70,6 +70,13 @@ def read(store: RunStore, role: str) -> Progress | None:
         return None
 
 
+def finished(store: RunStore, role: str, attempt: str | None) -> bool:
+    """Whether ``role`` has reported finishing, in the supervisor's ``attempt`` (None: a process
+    started by hand, which no report answers)."""
+    report = read(store, role)
+    return attempt is not None and report is not None and report.state == "finished" and report.attempt == attempt
+
+
 class Reporter:
     """``with Reporter(store, "trainer", step) as report: ... report.at(step)``: the role's
     hand-over file, rewritten on each step and every :data:`HEARTBEAT_S` by a daemon thread;

@@ -31,6 +31,7 @@ from typing import Callable
 import yaml
 
 from deepscaler.config import Config, server_names, to_yaml, trainer_ranks
+from deepscaler import handover
 from deepscaler.handover import ATTEMPT_ENV
 from deepscaler.inference.contract import TOKEN_ENV
 from deepscaler.run_lock import RunLock
@@ -254,12 +255,18 @@ def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra
         for name, argv in commands(cfg, run_yaml, resume).items():
             children.append(start(name, argv, store, env))
         tracker.start()
-        workers = [c for c in children if c.name in ("trainer", "orchestrator")]
+        # What must end (with 0) for the stage to be done; the servers only serve them. A shared
+        # stage's step holds both its servers and its trainer ranks: its servers end once the
+        # trainer has finished (deepscaler.slurm.shared_task).
+        workers = [c for c in children if c.name in ("trainer", "orchestrator", "shared")]
         with display:
             while True:
                 display.update(metrics.poll())
                 failed = [c for c in children if c.proc.poll() not in (None, 0)]
+                # A server ends by itself (exit 0) once the trainer has finished; before, any end is early.
                 early = [c for c in children if c not in workers and c.proc.poll() is not None]
+                if early and not failed and handover.finished(store, "trainer", env[ATTEMPT_ENV]):
+                    early = []
                 if failed or early:
                     raise LaunchError(failure(cfg, store, children, (failed or early)[0]))
                 if all(c.proc.poll() == 0 for c in workers):
@@ -267,10 +274,17 @@ def _supervise(cfg: Config, store: RunStore, resume: str | None, commands, extra
                 tracker.check()
                 time.sleep(0.5)
             display.update(metrics.poll())
+            wait_until_ended(children, STOP_GRACE_S)  # the servers stop by themselves; stop() is for stragglers
     finally:
         stop(children)
         tracker.stop()  # last: it forwards what the others wrote up to their end
     return store
+
+
+def wait_until_ended(children: list[Child], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(c.proc.poll() is None for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def failure(cfg: Config, store: RunStore, children: list[Child], first: Child) -> str:
@@ -281,15 +295,19 @@ def failure(cfg: Config, store: RunStore, children: list[Child], first: Child) -
     server process), srun's report in the servers step's log (one step runs every server, and
     ``--kill-on-bad-exit`` ends it when one dies), or the orchestrator's refused request (it
     exits with SERVER_DIED_EXIT; the server's end then shows within moments)."""
-    from deepscaler import handover
     from deepscaler.inference.client import SERVER_DIED_EXIT, server_died_line
 
     wait_s = SERVER_DEATH_WAIT_S if first.name == "orchestrator" and first.proc.returncode == SERVER_DIED_EXIT else 0
-    dead = dead_server(children, wait_s)
+    dead = dead_server(cfg, children, wait_s)
     stop(children)  # before the newest checkpoint is read for the resume hint: nothing writes one after
     if dead is None:
-        return (f"{first.name} exited with code {first.proc.returncode} (stage {cfg.run.stage} of run "
-                f"'{cfg.run.name}')\n{first.tail()}")
+        what = f"{first.name} exited with code {first.proc.returncode}"
+        end = step_task_end(first) if first.name == "shared" else None
+        if end is not None:  # the step's task that ended first: a trainer rank (a server is a dead server)
+            from deepscaler.slurm.shared_task import task_name
+
+            what = f"{task_name(cfg, end[1])} on {end[0]} {end[2]} (job step shared)"
+        return f"{what} (stage {cfg.run.stage} of run '{cfg.run.name}')\n{first.tail()}"
     name, node, how, child = dead
     beat, orchestrator = handover.read(store, name), handover.read(store, "orchestrator")
     line = server_died_line(name, node or (beat.host if beat else None), store.read_server_addresses().get(name), how,
@@ -298,26 +316,38 @@ def failure(cfg: Config, store: RunStore, children: list[Child], first: Child) -
     return f"{line}\n{child.tail()}"
 
 
-def dead_server(children: list[Child], wait_s: float = 0.0) -> tuple[str, str | None, str, Child] | None:
+def dead_server(cfg: Config, children: list[Child], wait_s: float = 0.0) -> tuple[str, str | None, str, Child] | None:
     """(name, node or None, how it ended, its child) of the server that died first, waiting up
     to ``wait_s`` for one to show; None if none did."""
-    from deepscaler.inference.client import first_dead_task, how_it_ended
+    from deepscaler.inference.client import how_it_ended
+    from deepscaler.slurm.shared_task import task_name
 
     deadline = time.monotonic() + wait_s
     while True:
         for c in children:
-            if c.name == "servers":  # the job step of every server: srun names the task (= server<rank>)
-                with open(c.log, "rb") as f:  # its end: srun reports a task at once, the log may be long
-                    f.seek(max(0, f.seek(0, os.SEEK_END) - (1 << 20)))
-                    text = f.read().decode("utf-8", "replace")
-                task = first_dead_task(text[text.rfind("\n=== ") + 1:])  # this attempt's part of the log
-                if task is not None:
-                    return f"server{task[1]}", task[0], task[2], c
+            # A job step of servers, where srun names the task: server<task>, or in a shared
+            # step whichever process the task runs (a trainer rank is not a server death).
+            if c.name in ("servers", "shared"):
+                task = step_task_end(c)
+                name = None if task is None else task_name(cfg, task[1]) if c.name == "shared" else f"server{task[1]}"
+                if name is not None and name.startswith("server"):
+                    return name, task[0], task[2], c
             elif c.name.startswith("server") and c.proc.poll() is not None:
                 return c.name, None, how_it_ended(c.proc.returncode), c
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.2)
+
+
+def step_task_end(child: Child) -> tuple[str, int, str] | None:
+    """(node, task, how it ended) of the first task srun reported ending badly in this
+    attempt's part of a job step's log, or None."""
+    from deepscaler.inference.client import first_dead_task
+
+    with open(child.log, "rb") as f:  # its end: srun reports a task at once, the log may be long
+        f.seek(max(0, f.seek(0, os.SEEK_END) - (1 << 20)))
+        text = f.read().decode("utf-8", "replace")
+    return first_dead_task(text[text.rfind("\n=== ") + 1:])
 
 
 class Tracker:

@@ -19,10 +19,11 @@ leaves, as a count of sequences of ``max_model_len`` at once. Time is FLOPs and 
 over stated, overridable assumptions. ``submit`` runs the plan and refuses a stage that does
 not fit (``--force`` overrides). The last line of ``--json`` is one JSON object.
 
-Layouts: the plan also compares every way to use the stage's GPUs (``shared``: each GPU serves
-then trains; ``split S+T``), with each one's step time, busy fraction, GPU-hours and whether it
-fits, and names the one with the fewest GPU-hours (``chosen``). ``--write-docs`` regenerates the
-table of the default stages in docs/cluster.md.
+Layouts: the plan also compares every way the jobs can use the stage's GPUs (``shared``: each
+GPU serves then trains; ``split S+T``), with each one's step time, busy fraction, GPU-hours and
+whether it fits, and names the one with the fewest GPU-hours (``chosen``). ``submit`` runs
+``slurm.layout`` as :func:`resolve_layout` resolves it (``auto``: the chosen one).
+``--write-docs`` regenerates the table of the default stages in docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from deepscaler.config import Config, ConfigError, parse_command_line, refuse_repeated_keys, stage_config, trainer_ranks
+from deepscaler.config import (Config, ConfigError, parse_command_line, refuse_repeated_keys, shared_shape,
+                               stage_config, stage_layout, trainer_ranks, validate)
 
 GIB = 2**30
 ADAM_BYTES = 12  # fp32 master weights and two fp32 Adam moments, per parameter
@@ -257,9 +259,7 @@ def plan(cfg: Config, assume: Assumptions | None = None) -> dict[str, Any]:
 
     inf = cfg.inference
     weights_gib = 2 * n_params / GIB * 1 / inf.tensor_parallel
-    kv_gib = max(0.0, gpu_gib * inf.gpu_memory_utilization - weights_gib - VLLM_OVERHEAD_GIB)
     seq_len = max_model_len(cfg)
-    concurrent = int(kv_gib * GIB * inf.tensor_parallel // (kv_bytes_per_token(config) * seq_len))
 
     o, s = cfg.orchestrator, cfg.sampling
     samples = o.prompts_per_step * s.samples_per_prompt
@@ -268,39 +268,41 @@ def plan(cfg: Config, assume: Assumptions | None = None) -> dict[str, Any]:
     seqs = [int(prompt + response)] * samples
     train_flops = (model_flops(config, seqs, 0) * cfg.trainer.ppo_epochs
                    + model_flops(config, seqs, step_forwards(cfg)) - model_flops(config, seqs, 0))
-    tr_gpus = trainer_ranks(cfg)
-    inf_gpus = max(1, cfg.slurm.inference.nodes * cfg.slurm.inference.gpus_per_node)
-    train_s = train_flops / (tr_gpus * assume.gpu_tflops * 1e12 * assume.mfu)
-    sample_s = samples * response / (inf_gpus * assume.decode_tok_s)
-    sync_s = 2 * 2 * n_params / (assume.fs_gb_s * 1e9)  # write bf16 weights, servers read them
-    step_s = (sample_s + train_s if o.async_level == 0 else max(sample_s, train_s)) + sync_s
-    steps = cfg.run.max_steps or 0
-    hours = steps * step_s / 3600
-    gpus = tr_gpus + inf_gpus
-    fits = trainer_peak <= gpu_gib
+    inf_gpus, tr_gpus = split_gpus(cfg)
+    pool, shared_why = pool_of(cfg)
     cost = StepCost(
-        gpus=gpus, configured=(inf_gpus, tr_gpus), tensor_parallel=inf.tensor_parallel, async_level=o.async_level,
-        sample_gpu_s=sample_s * inf_gpus, train_gpu_s=train_s * tr_gpus, sync_s=sync_s, steps=steps, gpu_gib=gpu_gib,
-        samples=samples, seq_tokens=seq_len, kv_bytes_per_token=kv_bytes_per_token(config),
-        server_weights_gib=weights_gib,
+        gpus=inf_gpus + tr_gpus, split=(inf_gpus, tr_gpus), pool=pool, shared_why=shared_why,
+        configured=layout_name(cfg), tensor_parallel=inf.tensor_parallel, async_level=o.async_level,
+        sample_gpu_s=samples * response / assume.decode_tok_s,
+        train_gpu_s=train_flops / (assume.gpu_tflops * 1e12 * assume.mfu),
+        sync_s=2 * 2 * n_params / (assume.fs_gb_s * 1e9),  # write bf16 weights, servers read them
+        steps=cfg.run.max_steps or 0, gpu_gib=gpu_gib, samples=samples, seq_tokens=seq_len,
+        kv_bytes_per_token=kv_bytes_per_token(config), server_weights_gib=weights_gib,
         trainer_gib=lambda ranks: traced["peak"] / GIB + sum(zero_states(cfg, n_params, ranks).values()))
     lays = layouts(cost)
     chosen, choice = choose(lays)
+    mine = next(lay for lay in lays if lay["configured"])
+    # a shared stage's servers run at the utilization resolve_layout gives them, not the yaml's
+    util = mine["gpu_memory_utilization"] if mine["name"] == "shared" else inf.gpu_memory_utilization
+    kv_gib = max(0.0, gpu_gib * util - weights_gib - VLLM_OVERHEAD_GIB)
+    concurrent = int(kv_gib * GIB * inf.tensor_parallel // (kv_bytes_per_token(config) * seq_len))
     return {
         "stage": cfg.run.stage, "model": cfg.model.name, "params": n_params, "gpu_memory_gib": gpu_gib,
-        "micro_batch": lengths, "trainer_ranks": tr_gpus, "zero_stage": cfg.trainer.deepspeed.zero_stage,
+        "micro_batch": lengths, "trainer_ranks": trainer_ranks(cfg), "zero_stage": cfg.trainer.deepspeed.zero_stage,
         "activation_checkpointing": cfg.trainer.deepspeed.activation_checkpointing,
         "trainer": {k: round(v, 2) for k, v in trainer.items()}, "trainer_peak_gib": round(trainer_peak, 2),
         "inference": {"weights_gib": round(weights_gib, 2), "kv_cache_gib": round(kv_gib, 2),
                       "max_model_len": seq_len, "concurrent_sequences": concurrent},
-        "time": {"sample_s": round(sample_s, 1), "train_s": round(train_s, 1), "weights_sync_s": round(sync_s, 1),
-                 "step_s": round(step_s, 1), "steps": steps, "hours": round(hours, 1),
-                 "gpu_hours": round(hours * gpus, 1), "gpus": gpus},
+        "time": {"sample_s": mine["sample_s"], "train_s": mine["train_s"], "weights_sync_s": round(cost.sync_s, 1),
+                 "step_s": mine["step_s"], "steps": cost.steps, "hours": round(cost.steps * mine["step_s"] / 3600, 1),
+                 "gpu_hours": mine["gpu_hours"], "gpus": mine["gpus"]},
         "assumptions": dataclasses.asdict(assume),
-        "fits": fits,
+        "fits": mine["fits"],
         "async_level": o.async_level,
+        "pool": pool,
         "layouts": lays,
-        "configured": next((lay["name"] for lay in lays if lay["configured"]), None),
+        "configured": mine["name"],
+        "components_split": split_name(inf_gpus, tr_gpus),
         "chosen": chosen,
         "choice": choice,
     }
@@ -311,9 +313,10 @@ def plan(cfg: Config, assume: Assumptions | None = None) -> dict[str, Any]:
 # The layouts a stage's GPUs can take. ``shared``: every GPU runs one server and one trainer
 # rank, which take turns on-policy (sample, then train), as the paper's verl run did. Not called
 # "colocated": that already names one node holding the servers and the trainer on disjoint GPUs
-# (deepscaler/slurm/stage_job.py::layout). ``split S+T``: S GPUs serve and T train, the stage
-# files' layout today. The plan only predicts and compares them; the jobs run the configured split.
+# (deepscaler/slurm/stage_job.py::layout). ``split S+T``: S GPUs serve and T train. Only layouts
+# the jobs can run are listed; ``slurm.layout: auto`` runs the chosen one (resolve_layout, at submit).
 SHARED_MARGIN_GIB = 4.0  # per shared GPU: a second CUDA context, and both processes' allocator slack
+BUSY_WARNING = 0.70  # submit warns below this busy fraction
 
 
 @dataclass
@@ -321,7 +324,10 @@ class StepCost:
     """One step of a stage, as the layouts' time and memory are computed from it."""
 
     gpus: int  # the stage's GPUs: inference + trainer
-    configured: tuple[int, int]  # (inference GPUs, trainer GPUs) of the config
+    split: tuple[int, int]  # (inference GPUs, trainer GPUs) of the components
+    pool: tuple[int, int] | None  # (nodes, GPUs per node) the layouts share out; None: only the components' split
+    shared_why: str | None  # why the shared layout cannot run on these components; None: it can
+    configured: str  # the name of the configured layout
     tensor_parallel: int
     async_level: int
     sample_gpu_s: float  # GPU-seconds of one step's sampling (it scales with the serving GPUs)
@@ -336,10 +342,43 @@ class StepCost:
     trainer_gib: Callable[[int], float]  # a trainer rank's peak at this many ranks (ZeRO partitions)
 
 
-def _layout(c: StepCost, name: str, step_s: float, busy: dict[str, float], fits: bool, why: str | None,
-            **extra: Any) -> dict[str, Any]:
+def split_gpus(cfg: Config) -> tuple[int, int]:
+    """(inference GPUs, trainer GPUs) of the components; a CPU component counts as one."""
+    inf, tr = cfg.slurm.inference, cfg.slurm.trainer
+    return max(1, inf.nodes * inf.gpus_per_node), tr.nodes * max(1, tr.gpus_per_node)
+
+
+def split_name(serve: int, train: int) -> str:
+    return f"split {serve}+{train}"
+
+
+def layout_name(cfg: Config) -> str:
+    """The plan's name of the layout a config runs: ``shared``, or its components' split."""
+    return "shared" if stage_layout(cfg) == "shared" else split_name(*split_gpus(cfg))
+
+
+def pool_of(cfg: Config) -> tuple[tuple[int, int] | None, str | None]:
+    """The (nodes, GPUs per node) a stage's layouts share out (``config.shared_shape``), None
+    when the components do not pool (only their own split can run); and why the shared layout
+    cannot run on them, None when it can."""
+    inf, tr, tp = cfg.slurm.inference, cfg.slurm.trainer, cfg.inference.tensor_parallel
+    if not (inf.gpus_per_node and tr.gpus_per_node):
+        return None, "shared: a component runs on CPU (slurm.inference.gpus_per_node or slurm.trainer.gpus_per_node 0)"
+    try:
+        pool = shared_shape(cfg)
+    except ConfigError as e:
+        return None, f"shared: {e}"
+    if pool[1] % tp:
+        return pool, (f"shared: inference.tensor_parallel ({tp}) must divide the GPUs per node of the shared "
+                      f"stage ({pool[1]})")
+    return pool, None
+
+
+def _layout(c: StepCost, name: str, sample_s: float, train_s: float, step_s: float, busy: dict[str, float],
+            fits: bool, why: str | None, **extra: Any) -> dict[str, Any]:
     busy_fraction = (c.sample_gpu_s + c.train_gpu_s) / (c.gpus * step_s)  # GPU-seconds busy / held
-    return {"name": name, "gpus": c.gpus, "step_s": round(step_s, 1), "busy_fraction": round(busy_fraction, 3),
+    return {"name": name, "gpus": c.gpus, "sample_s": round(sample_s, 1), "train_s": round(train_s, 1),
+            "step_s": round(step_s, 1), "busy_fraction": round(busy_fraction, 3),
             "busy": {k: round(v, 3) for k, v in busy.items()},
             "gpu_hours": round(c.steps * step_s / 3600 * c.gpus, 1), "fits": fits, "why": why, **extra}
 
@@ -351,11 +390,12 @@ def split_layout(c: StepCost, serve: int, train: int) -> dict[str, Any]:
     step_s = (sample_s + train_s if c.async_level == 0 else max(sample_s, train_s)) + c.sync_s
     trainer = c.trainer_gib(train)
     fits = trainer <= c.gpu_gib
+    name = split_name(serve, train)
     why = None if fits else (
-        f"split {serve}+{train}: a trainer rank of {train} needs {trainer:.1f} GiB, more than slurm.gpu_memory_gib "
+        f"{name}: a trainer rank of {train} needs {trainer:.1f} GiB, more than slurm.gpu_memory_gib "
         f"({c.gpu_gib:g}): give the trainer more GPUs (slurm.trainer.gpus_per_node, .nodes), set "
         "trainer.deepspeed.activation_checkpointing=true or lower trainer.micro_batch_tokens")
-    return _layout(c, f"split {serve}+{train}", step_s, {"inference": sample_s / step_s, "trainer": train_s / step_s},
+    return _layout(c, name, sample_s, train_s, step_s, {"inference": sample_s / step_s, "trainer": train_s / step_s},
                    fits, why, inference_gpus=serve, trainer_gpus=train, trainer_gib=round(trainer, 2))
 
 
@@ -363,37 +403,49 @@ def shared_layout(c: StepCost) -> dict[str, Any]:
     """Every GPU serves its share of the step's sequences, then trains as one of ``gpus`` ranks.
     Per GPU it holds the trainer rank's peak, the server's weights, the KV cache of all its
     sequences at full length at once, vLLM's overhead and :data:`SHARED_MARGIN_GIB`; the server's
-    ``gpu_memory_utilization`` is its part (weights, KV cache, overhead) of the GPU."""
+    ``gpu_memory_utilization`` is its part (weights, KV cache, overhead) of the GPU. Components
+    that do not pool (:func:`pool_of`) are listed as not fitting, with the reason."""
     tp, n = c.tensor_parallel, c.gpus
-    per_server = -(-c.samples // (n // tp))
+    per_server = -(-c.samples // max(1, n // tp))
     kv = per_server * c.seq_tokens * c.kv_bytes_per_token / tp / GIB
     trainer = c.trainer_gib(n)
     server = c.server_weights_gib + kv + VLLM_OVERHEAD_GIB
     total = trainer + server + SHARED_MARGIN_GIB
-    fits = total <= c.gpu_gib
+    fits = c.shared_why is None and total <= c.gpu_gib
     memory = {"trainer": trainer, "server_weights": c.server_weights_gib, "kv_cache": kv,
               "overhead": VLLM_OVERHEAD_GIB, "margin": SHARED_MARGIN_GIB, "total": total}
-    why = None if fits else (
+    why = c.shared_why or (None if fits else (
         f"shared: a GPU needs {total:.1f} GiB (trainer rank {trainer:.1f} + server weights {c.server_weights_gib:.1f} "
         f"+ KV cache {kv:.1f} for {per_server} sequences of {c.seq_tokens} tokens + vLLM {VLLM_OVERHEAD_GIB:g} + margin "
         f"{SHARED_MARGIN_GIB:g}), more than slurm.gpu_memory_gib ({c.gpu_gib:g}): lower orchestrator.prompts_per_step, "
-        "sampling.samples_per_prompt, sampling.max_response_tokens or trainer.micro_batch_tokens, or add GPUs "
-        "(slurm.inference.gpus_per_node, slurm.trainer.gpus_per_node, .nodes)")
+        "sampling.samples_per_prompt, sampling.max_response_tokens or trainer.micro_batch_tokens, set "
+        "trainer.deepspeed.activation_checkpointing=true, or add GPUs (slurm.inference.gpus_per_node, "
+        "slurm.trainer.gpus_per_node, .nodes)"))
     sample_s, train_s = c.sample_gpu_s / n, c.train_gpu_s / n
     step_s = sample_s + train_s + c.sync_s  # the two phases take turns on every GPU, at any async_level
-    return _layout(c, "shared", step_s, {"all": (sample_s + train_s) / step_s}, fits, why,
+    return _layout(c, "shared", sample_s, train_s, step_s, {"all": (sample_s + train_s) / step_s}, fits, why,
                    inference_gpus=n, trainer_gpus=n,
                    gpu_memory_utilization=min(1.0, -(-round(server / c.gpu_gib * 1e4) // 100) / 100),
                    memory_gib={**{k: round(v, 2) for k, v in memory.items()}, "sequences_per_server": per_server})
 
 
+def split_sizes(c: StepCost) -> list[int]:
+    """The serving GPUs of each split the jobs can run: any number on one node (servers whole,
+    ``tensor_parallel`` GPUs each); whole nodes per side on several, as a heterogeneous job's
+    components never share a node; only the components' own when they do not pool."""
+    if c.pool is None:
+        return [c.split[0]]
+    nodes, per_node = c.pool
+    unit = 1 if nodes == 1 else per_node
+    return [s for s in range(unit, c.gpus, unit) if s % c.tensor_parallel == 0]
+
+
 def layouts(c: StepCost) -> list[dict[str, Any]]:
-    """The shared layout (when the servers divide the GPUs), then every split whose servers
-    divide their GPUs, the configured one marked."""
-    out = [shared_layout(c)] if c.gpus % c.tensor_parallel == 0 else []
-    out += [split_layout(c, s, c.gpus - s) for s in range(1, c.gpus) if s % c.tensor_parallel == 0]
+    """The shared layout, then every split the jobs can run (:func:`split_sizes`), the
+    configured one marked."""
+    out = [shared_layout(c), *(split_layout(c, s, c.gpus - s) for s in split_sizes(c))]
     for lay in out:
-        lay["configured"] = (lay["inference_gpus"], lay["trainer_gpus"]) == c.configured and lay["name"] != "shared"
+        lay["configured"] = lay["name"] == c.configured
     return out
 
 
@@ -407,30 +459,85 @@ def describe(lay: dict[str, Any]) -> str:
 
 def choose(lays: list[dict[str, Any]]) -> tuple[str | None, str]:
     """The layout the plan recommends: the fitting one with the fewest GPU-hours (ties: the
-    configured one), and one line that says why. A recommendation only: the jobs run the
-    configured split."""
-    configured = next((lay for lay in lays if lay["configured"]), None)
+    configured one), and one line that says why. ``slurm.layout: auto`` runs it
+    (:func:`resolve_layout`)."""
+    configured = next(lay for lay in lays if lay["configured"])
     fitting = [lay for lay in lays if lay["fits"]]
     if not fitting:
-        return None, "best layout: none fits" + (f"; {configured['why']}" if configured else "")
+        return None, f"best layout: none fits; {configured['why']}"
     best = min(fitting, key=lambda lay: (lay["gpu_hours"], not lay["configured"]))
     if best is configured:
         return best["name"], (f"best layout: the configured {describe(best)}, the fewest of the {len(fitting)} "
                                "layouts that fit")
-    if configured is None:
-        return best["name"], f"best layout: {describe(best)}, the fewest of the {len(fitting)} layouts that fit"
     return best["name"], (f"best layout: {describe(best)}, vs the configured {describe(configured)}"
                           + ("" if configured["fits"] else ", which does not fit"))
 
 
-def refusal(p: dict[str, Any]) -> str | None:
-    """Why a plan does not fit, in one line naming the keys to change; None when it fits."""
-    if p["fits"]:
+def named(p: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(lay for lay in p["layouts"] if lay["name"] == name)
+
+
+def refusal(p: dict[str, Any], name: str | None = None) -> str | None:
+    """Why the layout ``name`` (default the configured one) does not fit, in one line naming
+    the keys to change; None when it fits."""
+    lay = named(p, name or p["configured"])
+    return None if lay["fits"] else f"stage {p['stage']}: {lay['why']}; --force submits anyway"
+
+
+def resolve_layout(cfg: Config, p: dict[str, Any] | None = None) -> tuple[Config, str]:
+    """The config a stage's jobs run, and one line saying which layout and why (submit prints
+    it and writes the config to run.yaml). ``auto`` becomes the plan's chosen layout: ``shared``,
+    or ``split`` with the components reshaped to its S + T GPUs (one node: S and T GPUs; several:
+    S/G and T/G nodes of G), or the components' own split when none fits (submit refuses it).
+    A shared stage's servers get the plan's ``gpu_memory_utilization``: at the yaml's, vLLM would
+    take the memory of the trainer rank beside it. A CPU stage has no GPUs to share: unchanged.
+    ``p``: the plan of ``cfg``, when the caller has it."""
+    k, setting = cfg.run.stage, cfg.slurm.layout
+    if not (cfg.slurm.inference.gpus_per_node or cfg.slurm.trainer.gpus_per_node):
+        return cfg, f"stage {k}: split (no GPUs to share)"
+    p = p or plan(cfg)
+    if setting == "auto" and p["chosen"]:
+        name = p["chosen"]
+        why = f"slurm.layout auto: the fewest GPU-hours of the {sum(lay['fits'] for lay in p['layouts'])} that fit"
+    else:
+        name = p["configured"]
+        why = f"slurm.layout {setting}" + (": none fits, so the components' own" if setting == "auto" else "")
+    lay, source = named(p, name), f"stage {k} as {name}, by {why}"
+    slurm, inference = cfg.slurm, cfg.inference
+    if name == "shared":
+        inference = dataclasses.replace(inference, gpu_memory_utilization=lay["gpu_memory_utilization"])
+        slurm = dataclasses.replace(slurm, layout="shared")
+        why += (f"; inference.gpu_memory_utilization {lay['gpu_memory_utilization']:.2f}: the server's weights, KV "
+                "cache and vLLM's overhead, the rest of the GPU the trainer rank's")
+    elif setting == "auto":
+        inf, tr = slurm.inference, slurm.trainer
+        if p["pool"]:
+            nodes, per_node = p["pool"]
+            shape = [(1, lay["inference_gpus"]), (1, lay["trainer_gpus"])] if nodes == 1 else [
+                (lay["inference_gpus"] // per_node, per_node), (lay["trainer_gpus"] // per_node, per_node)]
+            inf, tr = (dataclasses.replace(r, nodes=n, gpus_per_node=g) for r, (n, g) in zip((inf, tr), shape))
+        slurm = dataclasses.replace(slurm, layout="split", inference=inf, trainer=tr)
+    resolved = cfg
+    if (slurm, inference) != (cfg.slurm, cfg.inference):
+        resolved = dataclasses.replace(cfg, slurm=slurm, inference=inference)
+        validate(resolved, source)
+    line = f"stage {k}: {describe(lay)}, by {why}" + ("" if lay["fits"] else f"; DOES NOT FIT: {lay['why']}")
+    return resolved, line
+
+
+def busy_warning(p: dict[str, Any], name: str) -> str | None:
+    """One line when the layout ``name`` would keep its GPUs busy less than
+    :data:`BUSY_WARNING` of the time, naming a better layout and the key that runs it; None
+    otherwise."""
+    lay = named(p, name)
+    if lay["busy_fraction"] >= BUSY_WARNING:
         return None
-    return (f"stage {p['stage']}: the trainer needs {p['trainer_peak_gib']:.1f} GiB per GPU, more than "
-            f"slurm.gpu_memory_gib ({p['gpu_memory_gib']:g}): set trainer.deepspeed.activation_checkpointing=true, "
-            "lower trainer.micro_batch_tokens (not below the longest sequence), or add trainer GPUs "
-            "(slurm.trainer.gpus_per_node, .nodes); --force submits anyway")
+    text = f"stage {p['stage']}: {describe(lay)}: its GPUs would idle {1 - lay['busy_fraction']:.0%} of the time"
+    best = p["chosen"]
+    if best is None or best == name:
+        return f"{text}; no layout that fits does better"
+    key = "slurm.layout=shared (or auto)" if best == "shared" else "slurm.layout=auto"
+    return f"{text}; {describe(named(p, best))} with {key}"
 
 
 def table(p: dict[str, Any]) -> str:
@@ -448,11 +555,11 @@ def table(p: dict[str, Any]) -> str:
         f"  optimizer (fp32 master + Adam)     {t['optimizer_gib']:7.2f} GiB",
         f"  gradient bucket                    {t['bucket_gib']:7.2f} GiB",
         f"  peak                               {p['trainer_peak_gib']:7.2f} GiB of {p['gpu_memory_gib']:g} "
-        f"(slurm.gpu_memory_gib): {'fits' if p['fits'] else 'DOES NOT FIT'}",
+        f"(slurm.gpu_memory_gib): {'fits' if p['trainer_peak_gib'] <= p['gpu_memory_gib'] else 'DOES NOT FIT'}",
         f"inference, per server: weights {i['weights_gib']:.2f} GiB, KV cache {i['kv_cache_gib']:.1f} GiB: "
         f"{i['concurrent_sequences']} sequences of max_model_len {i['max_model_len']} at once",
-        f"time per step: sampling {tm['sample_s']:.0f} s + training {tm['train_s']:.0f} s + weights "
-        f"{tm['weights_sync_s']:.0f} s = {tm['step_s']:.0f} s; {tm['steps']} steps: {tm['hours']:.1f} h, "
+        f"time per step ({p['configured']}): sampling {tm['sample_s']:.0f} s + training {tm['train_s']:.0f} s "
+        f"+ weights {tm['weights_sync_s']:.0f} s = {tm['step_s']:.0f} s; {tm['steps']} steps: {tm['hours']:.1f} h, "
         f"{tm['gpu_hours']:.0f} GPU-hours on {tm['gpus']} GPUs",
         f"assuming: {a['gpu_tflops']:g} TFLOP/s peak, MFU {a['mfu']:g}, {a['decode_tok_s']:g} decode tok/s per GPU, "
         f"{a['fs_gb_s']:g} GB/s filesystem, responses {a['response_frac']:g} x max_response_tokens on average",
@@ -462,14 +569,14 @@ def table(p: dict[str, Any]) -> str:
 
 
 def shown_layouts(p: dict[str, Any], most: int = 8) -> list[dict[str, Any]]:
-    """All layouts when they are few; else the shared one, the chosen, the best split and the
-    configured one (``--json`` has them all)."""
+    """All layouts when they are few; else the shared one, the chosen, the best split, the
+    configured one and the components' split (``--json`` has them all)."""
     lays = p["layouts"]
     if len(lays) <= most:
         return lays
     splits = [lay for lay in lays if lay["name"] != "shared" and lay["fits"]]
     best_split = min(splits, key=lambda lay: lay["gpu_hours"])["name"] if splits else None
-    keep = {"shared", p["chosen"], p["configured"], best_split}
+    keep = {"shared", p["chosen"], p["configured"], best_split, p["components_split"]}
     return [lay for lay in lays if lay["name"] in keep]
 
 
@@ -536,7 +643,8 @@ def write_layouts_doc(path: Path = DOC_PATH) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deepscaler.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", type=int, default=1)
-    parser.add_argument("--preset")
+    parser.add_argument("--preset", action="append", metavar="NAME|FILE",
+                        help="a preset laid over the stage file; several stack in order (as submit's)")
     parser.add_argument("--json", action="store_true", help="end with the plan as one JSON line")
     for field in dataclasses.fields(Assumptions):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=float, default=field.default)

@@ -288,7 +288,8 @@ def prefetch(cfg: Config, refresh: bool = False, echo=print) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deepscaler.prefetch", description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", type=int, default=1, help="the stage whose model and data to fetch (default 1)")
-    p.add_argument("--preset", help="a preset applied on top of the stage file")
+    p.add_argument("--preset", action="append", metavar="NAME|FILE",
+                   help="a preset applied on top of the stage file; several stack in order (as submit's)")
     p.add_argument("--output-dir", help="where runs are written (run.output_dir); the cache defaults to <it>/cache")
     p.add_argument("--refresh", action="store_true", help="download even when the cache is complete (re-resolve main)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for deepscaler.submit")

@@ -90,8 +90,14 @@ def one_thread_if_small(model, device) -> None:
             torch.set_num_threads(1)
 
 
+GPUS_ENV = "DEEPSCALER_GPUS"  # the node's GPUs one process of a shared step uses (deepscaler.slurm.shared_task)
+
+
 def visible_gpus() -> str:
-    """The GPUs Slurm gave this job step (``SLURM_STEP_GPUS``), else those CUDA may use
-    (``CUDA_VISIBLE_DEVICES``), else "none": each process logs it at start, so the disjoint
-    GPU sets of a colocated stage's steps can be read in the logs."""
-    return os.environ.get("SLURM_STEP_GPUS") or os.environ.get("CUDA_VISIBLE_DEVICES") or "none"
+    """The node's GPUs this process uses: its own in a shared step (:data:`GPUS_ENV`), else those
+    Slurm gave its job step (``SLURM_STEP_GPUS``), else those CUDA may use
+    (``CUDA_VISIBLE_DEVICES``), else "none". Each process logs it at start, so the logs show
+    the disjoint GPU sets of a colocated stage's steps, and the GPU a shared stage's server
+    and trainer rank have in common."""
+    return (os.environ.get(GPUS_ENV) or os.environ.get("SLURM_STEP_GPUS") or os.environ.get("CUDA_VISIBLE_DEVICES")
+            or "none")

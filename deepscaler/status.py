@@ -100,29 +100,57 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m"
 
 
-def render(stores: list[RunStore]):
-    from rich.console import Group
+def nodes_or_reason(job: dict) -> str:
+    """Where a job runs, or why it waits: sacct says ``None assigned`` for each pending component
+    (``HetInfoWatcher`` joins them with commas), which tells nothing; squeue's reason does."""
+    nodes = ",".join(n for n in job.get("NodeList", "").split(",") if n and n != "None assigned")
+    reason = job.get("Reason")
+    return nodes or (f"({reason})" if reason else "-")
+
+
+PROGRESS_COLUMNS = ("stage", "steps", "reward", "length", "trunc", "mismatch KL", "weights", "ckpt", "ETA")
+JOB_COLUMNS = ("stage", "job", "state", "elapsed", "nodes (or why pending)")
+LEGEND = ("reward: mean of the last 10 steps; length, trunc(ated), mismatch KL: the newest step's; "
+          "weights, ckpt: the newest stable step; ETA at the last 10 steps' pace")
+
+
+def _table(title: str, columns: tuple[str, ...], fold_last: bool = False):
+    """A table that fits 80 columns whole, piped or not: no side borders, two spaces between
+    columns, cells short by construction; only a ``fold_last`` column may wrap (folded onto a
+    second line, never cut with '…')."""
+    from rich import box
     from rich.table import Table
 
-    progress = Table(title="training progress", title_justify="left")
-    for col in ("run", "stage", "steps", "reward (last 10)", "length", "truncated", "mismatch KL", "weights",
-                "checkpoint", "ETA"):
-        progress.add_column(col, justify="right")
-    jobs = Table(title="slurm jobs", title_justify="left")
-    for col in ("run", "stage", "job", "state", "elapsed", "nodes", "reason"):
-        jobs.add_column(col, justify="right")
-    for store in stores:
-        s = stage_summary(store)
-        steps = f"{s['steps']}/{s['max_steps']}" if s["max_steps"] else str(s["steps"])
-        progress.add_row(store.run, str(store.stage), steps, _fmt(s["reward"], "{:.3f}"), _fmt(s["length"], "{:.0f}"),
-                         _fmt(s["truncation"], "{:.1%}"), _fmt(s["mismatch_kl"], "{:.2e}"), _fmt(s["weights"], "{}"),
-                         _fmt(s["checkpoint"], "{}"),
-                         _duration(s["eta_s"]))
-        for jid, job in slurm_jobs(job_ids(store)).items():
-            jobs.add_row(store.run, str(store.stage), jid, job.get("State", "?"), job.get("Elapsed", "-"),
-                         job.get("NodeList") or "-", job.get("Reason", ""))
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False,
+                  show_edge=False)
+    for i, col in enumerate(columns):
+        wraps = fold_last and i == len(columns) - 1
+        table.add_column(col, justify="left" if wraps else "right", no_wrap=not wraps, overflow="fold")
+    return table
+
+
+def render(stores: list[RunStore]):
+    """One block per run: its stages' progress, then its Slurm jobs (when it has any)."""
+    from itertools import groupby
+
+    from rich.console import Group
+
+    blocks = []
+    for run, run_stores in groupby(stores, key=lambda st: st.run):
+        progress = _table(f"run {run}: training progress", PROGRESS_COLUMNS)
+        jobs = _table(f"run {run}: slurm jobs", JOB_COLUMNS, fold_last=True)
+        for store in run_stores:
+            s = stage_summary(store)
+            steps = f"{s['steps']}/{s['max_steps']}" if s["max_steps"] else str(s["steps"])
+            progress.add_row(str(store.stage), steps, _fmt(s["reward"], "{:.3f}"), _fmt(s["length"], "{:.0f}"),
+                             _fmt(s["truncation"], "{:.1%}"), _fmt(s["mismatch_kl"], "{:.2e}"),
+                             _fmt(s["weights"], "{}"), _fmt(s["checkpoint"], "{}"), _duration(s["eta_s"]))
+            for jid, job in slurm_jobs(job_ids(store)).items():
+                jobs.add_row(str(store.stage), jid, job.get("State", "?"), job.get("Elapsed", "-"),
+                             nodes_or_reason(job))
+        blocks += [progress, *([jobs] if jobs.row_count else []), ""]
     notes = [n for n in map(wandb_note, stores) if n]
-    return Group(progress, *([jobs] if jobs.row_count else []), *notes)
+    return Group(*blocks, LEGEND, *notes)
 
 
 def wandb_note(store: RunStore) -> str | None:

@@ -2,8 +2,9 @@
 
 Every value of a file or a ``key.path=value`` override is checked against the dataclass field
 it lands in; errors are one line and name the source (file or override), the dotted key and
-the closest valid key. A file may say ``extends: base.yaml`` (or a list), resolved relative to
-itself; later files and then overrides win. ``deepscaler/config.py`` holds the schema.
+the closest valid key. A file may say ``extends: base.yaml`` (or a list), resolved by the
+caller (``deepscaler/config.py``, which holds the schema: next to the file, else a shipped name);
+the files and overrides are layers, merged in order, later ones winning.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -153,8 +155,21 @@ def merge(base: dict, top: dict) -> dict:
     return out
 
 
-def read_file(path: Path, root: type, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read one YAML file and what it extends, each checked against the dataclass ``root``."""
+def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf of plain nested data; lists and empty mappings are leaves."""
+    if not isinstance(tree, dict) or (not tree and prefix):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def read_file(path: Path, root: type, extends: Callable[[Path, str], Path],
+              seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """The layers of one YAML file, (file, checked data) in the order they merge: what it extends
+    first, each found by ``extends(file, name)``, then the file itself; each checked against the
+    dataclass ``root``. Layers, not one merged mapping, so that a value's file can be shown."""
     path = path.resolve()
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
@@ -176,13 +191,8 @@ def read_file(path: Path, root: type, seen: tuple[Path, ...] = ()) -> dict[str, 
     parents = [parents] if isinstance(parents, str) else parents
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
         raise ConfigError(f"{path}: key 'extends' must be a file name or a list of them")
-    merged: dict[str, Any] = {}
-    for parent in parents:
-        parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
-        if not parent_path.is_file():
-            raise ConfigError(f"{path}: key 'extends' names a missing file '{parent}'")
-        merged = merge(merged, read_file(parent_path, root, (*seen, path)))
-    return merge(merged, check(raw, root, "", str(path)))
+    layers = [layer for parent in parents for layer in read_file(extends(path, parent), root, extends, (*seen, path))]
+    return [*layers, (path, check(raw, root, "", str(path)))]
 
 
 def flags_to_overrides(argv: list[str]) -> list[str]:
@@ -216,8 +226,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
-def apply_override(data: dict[str, Any], text: str, root: type) -> dict[str, Any]:
-    """``data`` with the override ``text`` merged in, checked against the dataclass ``root``."""
+def read_override(text: str, root: type) -> dict[str, Any]:
+    """The override ``text`` as nested data (a layer), checked against the dataclass ``root``."""
     key, value = parse_override(text)
     source = f"override '{text}'"
     # Walk the schema so the error names the first wrong part of the path.
@@ -242,7 +252,7 @@ def apply_override(data: dict[str, Any], text: str, root: type) -> dict[str, Any
     nested: Any = checked
     for part in reversed(parts):
         nested = {part: nested}
-    return merge(data, nested)
+    return nested
 
 
 def _accepts_str(tp: Any) -> bool:

@@ -3,7 +3,7 @@
     python -m deepscaler.submit --stage 1 --preset tiny                 # runs here, on CPU
     python -m deepscaler.submit --stages 1,2,3 slurm.partition=gpu      # chained Slurm jobs
 
-The config is ``yaml/stage<K>.yaml``, then the preset, then ``key=value`` overrides.
+The config is ``yaml/stage<K>.yaml``, then each ``--preset`` in order, then ``key=value`` overrides.
 ``--executor local`` runs the stage's processes on this machine; ``slurm`` submits them as
 one heterogeneous job (the default when ``sbatch`` is on the PATH).
 """
@@ -11,14 +11,17 @@ one heterogeneous job (the default when ``sbatch`` is on the PATH).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 from deepscaler.config import (Config, ConfigError, load_config, parse_command_line, refuse_repeated_keys, server_names,
-                               stage_config, to_yaml, trainer_ranks)
+                               shared_shape, stage_config, stage_layout, to_yaml, trainer_ranks)
 from deepscaler.data import DataError
 from deepscaler.process import apply_process_settings
 from deepscaler.store import RunStore, StoreError
@@ -47,8 +50,36 @@ def parse_stages(args: argparse.Namespace) -> list[int]:
     return stages
 
 
+# Folders local to each machine: a run there is not seen by the compute nodes of a cluster.
+NODE_LOCAL = (Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"))
+
+
+def node_local(path: str) -> Path | None:
+    """The folder of NODE_LOCAL that ``path`` is under, where Slurm has nodes other than this
+    machine (not on a one-machine cluster, such as the tests', whose jobs see its /tmp)."""
+    local = next((d for d in NODE_LOCAL if d in (Path(path), *Path(path).parents)), None)
+    return local if local is not None and nodes_elsewhere() else None
+
+
+def nodes_elsewhere() -> bool:
+    """Whether sinfo lists a node that has neither this machine's name nor a loopback address;
+    False where sinfo cannot tell (not on the PATH, failing): a warning needs evidence."""
+    try:
+        done = subprocess.run(["sinfo", "-N", "-h", "-o", "%o"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    here = {"localhost", "::1", socket.gethostname(), socket.getfqdn()}
+    return done.returncode == 0 and any(a not in here and not a.startswith("127.") for a in done.stdout.split())
+
+
+def chosen_executor(args: argparse.Namespace) -> str:
+    """``--executor``, with ``auto`` made ``slurm`` where sbatch is on the PATH, else ``local``."""
+    return args.executor if args.executor != "auto" else ("slurm" if shutil.which("sbatch") else "local")
+
+
 def resolve(args: argparse.Namespace) -> list[Config]:
-    """One resolved config per stage, with the CLI flags applied as overrides."""
+    """One resolved config per stage, with the CLI flags applied as overrides, and its paths
+    absolute: run.yaml and the jobs must not depend on the folder submit ran in."""
     from deepscaler.stage import parse_resume_step
 
     parse_resume_step(args.resume_step)  # a malformed --resume-step is refused even with --dry-run
@@ -61,7 +92,16 @@ def resolve(args: argparse.Namespace) -> list[Config]:
         overrides.append("slurm.hetjob=false")
     stages = parse_stages(args)
     general, per_stage = split_stage_overrides(overrides, stages)
-    configs = [stage_config(k, args.preset, general + per_stage.get(k, [])) for k in stages]
+    configs = [stage_config(k, args.presets, general + per_stage.get(k, [])) for k in stages]
+    for cfg in configs:
+        cfg.run.output_dir = os.path.abspath(os.path.expanduser(cfg.run.output_dir))
+        if cfg.data.cache_dir is not None:
+            cfg.data.cache_dir = os.path.abspath(os.path.expanduser(cfg.data.cache_dir))
+    for out in dict.fromkeys(cfg.run.output_dir for cfg in configs) if chosen_executor(args) == "slurm" else ():
+        local = node_local(out)
+        if local is not None:
+            print(f"warning: run.output_dir {out} is under {local}, which is usually local to each machine: "
+                  "the compute nodes may not see it; use a shared filesystem (--output-dir)", file=sys.stderr)
     for before, cfg in zip(configs, configs[1:]):
         refuse_optimizer_reshape(before, cfg)
     return configs
@@ -107,14 +147,17 @@ def split_stage_overrides(overrides: list[str], stages: list[int]) -> tuple[list
 def describe(cfg: Config) -> str:
     """A short human summary of what a stage will run."""
     inf, tr = cfg.slurm.inference, cfg.slurm.trainer
-    servers = len(server_names(cfg))
+    servers = f"{len(server_names(cfg))} {cfg.inference.backend} server(s)"
+    if stage_layout(cfg) == "shared":
+        nodes, gpus = shared_shape(cfg)
+        where = f"{servers} and {trainer_ranks(cfg)} trainer rank(s) sharing {nodes} node(s) x {gpus} GPU(s)"
+    else:
+        where = f"{servers} on {inf.nodes} node(s), trainer on {tr.nodes} node(s) x {tr.gpus_per_node} GPU(s)"
     return (
         f"stage {cfg.run.stage} of run '{cfg.run.name}' in {cfg.run.output_dir}: "
         f"{cfg.model.name}, {cfg.run.max_steps or 'all'} steps of "
         f"{cfg.orchestrator.prompts_per_step}x{cfg.sampling.samples_per_prompt} samples "
-        f"up to {cfg.sampling.max_response_tokens} tokens; "
-        f"{servers} {cfg.inference.backend} server(s) on {inf.nodes} node(s), "
-        f"trainer on {tr.nodes} node(s) x {tr.gpus_per_node} GPU(s)"
+        f"up to {cfg.sampling.max_response_tokens} tokens; {where}"
     )
 
 
@@ -152,13 +195,40 @@ def next_steps(store: RunStore) -> str:
     ])
 
 
+def has_gpus(cfg: Config) -> bool:
+    return bool(cfg.slurm.inference.gpus_per_node or cfg.slurm.trainer.gpus_per_node)
+
+
 def plan_gpu_stages(configs: list[Config]) -> dict[int, dict]:
-    """The plan (``deepscaler.plan``) of every stage that trains on GPUs, by stage."""
-    if not any(cfg.slurm.trainer.gpus_per_node for cfg in configs):
+    """The plan (``deepscaler.plan``) of every stage that runs on GPUs, by stage."""
+    if not any(map(has_gpus, configs)):
         return {}
     from deepscaler.plan import plan
 
-    return {cfg.run.stage: plan(cfg) for cfg in configs if cfg.slurm.trainer.gpus_per_node}
+    return {cfg.run.stage: plan(cfg) for cfg in configs if has_gpus(cfg)}
+
+
+def resolve_layouts(configs: list[Config], plans: dict[int, dict]) -> tuple[list[Config], dict[int, str]]:
+    """Each planned stage as its jobs will run it (``slurm.layout`` resolved by its plan:
+    ``deepscaler.plan.resolve_layout``), and its ``# layout:`` line. A layout that would keep
+    its GPUs busy less than 70% of the time gets a warning on stderr, now. Trainer shapes may
+    change, so a chain that loads an optimizer state is checked again."""
+    if not plans:
+        return configs, {}
+    from deepscaler.plan import busy_warning, layout_name, resolve_layout
+
+    resolved, lines = [], {}
+    for cfg in configs:
+        p = plans.get(cfg.run.stage)
+        if p is not None:
+            cfg, lines[cfg.run.stage] = resolve_layout(cfg, p)
+            warning = busy_warning(p, layout_name(cfg))
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        resolved.append(cfg)
+    for before, cfg in zip(resolved, resolved[1:]):
+        refuse_optimizer_reshape(before, cfg)
+    return resolved, lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Not an argparse exclusive group: it misses "--stage 1 --stages 1,2" (1 is the default); parse_stages refuses both.
     p.add_argument("--stage", type=int, help="the stage to run (default 1)")
     p.add_argument("--stages", help="chain stages, e.g. 1,2,3 or 2,3 (consecutive: each starts from the one before)")
-    p.add_argument("--preset", help="a preset applied on top of the stage file, e.g. tiny")
+    p.add_argument("--preset", dest="presets", action="append", metavar="NAME|FILE",
+                   help="a preset or site file applied on top of the stage file, e.g. tiny; repeat to stack them "
+                        "in order, the later winning (--preset site.yaml --preset tiny)")
     p.add_argument("--output-dir", help="where runs are written (run.output_dir)")
     p.add_argument("--max-steps", type=int, help="steps to run in each stage (run.max_steps)")
     p.add_argument("--resume-step", help="resume from checkpoints/step_N, or 'latest'")
@@ -179,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slurm: two ordinary jobs (servers, then trainer + orchestrator) for clusters without hetjobs")
     p.add_argument("--wait", action="store_true", help="slurm: block and stream progress until the job(s) end")
     p.add_argument("--force", action="store_true",
-                   help="slurm: submit even when the planner finds that a stage does not fit its GPUs")
+                   help="submit even when the planner finds that a stage does not fit its GPUs")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.optimizer.lr=2e-6")
     return p
 
@@ -194,14 +266,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    executor = args.executor if args.executor != "auto" else ("slurm" if shutil.which("sbatch") else "local")
+    executor = chosen_executor(args)
     if executor == "slurm" and not args.dry_run and shutil.which("sbatch") is None:
         print("error: sbatch is not on PATH: run this on a Slurm login node, or pass --executor local",
               file=sys.stderr)
         return 2
     from deepscaler.prefetch import CacheError, require_cache
 
-    plans = plan_gpu_stages(configs) if executor == "slurm" else {}
+    try:  # the layouts, before anything is written: run.yaml and the jobs get the resolved configs
+        plans = plan_gpu_stages(configs)
+        configs, layouts = resolve_layouts(configs, plans)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for i, cfg in enumerate(configs):
             print(f"# {describe(cfg)} [{executor}]")
@@ -213,12 +290,15 @@ def main(argv: list[str] | None = None) -> int:
                 from deepscaler.plan import table
 
                 print("\n".join(f"# {line.lstrip('# ')}" for line in table(plans[cfg.run.stage]).splitlines()))
+                print(f"# layout: {layouts[cfg.run.stage]}")
             if executor == "slurm":
                 from deepscaler.slurm.stage_job import dry_run_script
 
                 print(dry_run_script(cfg, dependency=f"afterok:<job of stage {configs[i - 1].run.stage}>" if i else None))
             print(to_yaml(cfg), end="")
         return 0
+    for line in layouts.values():
+        print(f"# layout: {line}", flush=True)
     root = Path(configs[0].run.output_dir)
     try:
         if root.exists() and not root.is_dir():
@@ -249,10 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.force:  # before any job asks for GPUs: a stage that cannot fit them must not start
+        from deepscaler.plan import layout_name
         from deepscaler.plan import refusal as plan_refusal
 
-        for p in plans.values():
-            why = plan_refusal(p)
+        for cfg in configs:
+            why = cfg.run.stage in plans and plan_refusal(plans[cfg.run.stage], layout_name(cfg))
             if why:
                 print(f"error: {why}", file=sys.stderr)
                 return 2
@@ -277,7 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     if executor == "slurm":
         from deepscaler.slurm.stage_job import submit_stages
 
-        return submit_stages(configs, args.resume_step, wait=args.wait)
+        code = submit_stages(configs, args.resume_step, wait=args.wait)
+        if code or not args.wait:
+            return code
+        stores = [RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage) for cfg in configs]
+        for store in stores:  # every job ended COMPLETED: the end a local run prints
+            print(summary(store), flush=True)
+        print(next_steps(stores[-1]), flush=True)
+        return 0
 
     from deepscaler.launch import LaunchError, run_stage
 

@@ -3,7 +3,7 @@
     python -m deepscaler.eval run --model 100|latest|base|PATH_OR_HUB_ID [--benchmarks math500,aime2024] \\
         [--output-dir DIR] [--run NAME] [--stage K] [--preset tiny] [--seed S] [key=value ...]
     python -m deepscaler.eval sweep --output-dir DIR [--run NAME] [--stage K] [--steps all|100,200] \\
-        [--include-base] [--max-parallel N] [--force] [--wait] [--dry-run]
+        [--include-base] [--max-parallel N] [--force] [--wait | --dry-run | --emit-sbatch FILE]
     python -m deepscaler.eval report --output-dir DIR [--run NAME] [--stage K]
     python -m deepscaler.eval upload --output-dir DIR [--run NAME] [--stage K] --step N --repo-id ORG/NAME \\
         [--public] [--dry-run]
@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="sampling seed (default: eval.seed)")
     s.add_argument("--max-parallel", type=int, help="array tasks running at once (default: eval.max_parallel)")
     s.add_argument("--force", action="store_true", help="re-evaluate steps that have results")
-    s.add_argument("--wait", action="store_true", help="block until the array ends, then write the report")
-    s.add_argument("--dry-run", action="store_true", help="print what would be submitted: each task, the sbatch script")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--wait", action="store_true", help="block until the array ends, then write the report")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print what would be submitted: each task, the sbatch script")
+    mode.add_argument("--emit-sbatch", metavar="FILE",
+                      help="write a plain sbatch array script to FILE (claims the steps; submits nothing)")
     s.add_argument("overrides", nargs="*", metavar="key=value")
 
     rep = sub.add_parser("report", help="the results table (report.md) and plot (eval.png) of a stage")

@@ -17,7 +17,9 @@ on the login node:
 Why submitit's ``map_array`` and not a template: the array, its log files and the state
 polling of ``--wait`` come with it. ``--dry-run`` prints each task's command line and the
 array's sbatch script; its options come from ``deepscaler/slurm/options.py``, as a training
-stage's do.
+stage's do. submitit's script runs a pickled job, so it cannot be submitted by hand:
+``--emit-sbatch FILE`` writes one that can (:func:`sbatch_script`), from the same plan,
+options and claims, and submits nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import argparse
 import shlex
 import sys
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from deepscaler.config import Config, ConfigError
 from deepscaler.data import DataError
@@ -34,9 +37,9 @@ from deepscaler.eval.report import report_to_wandb, write_report
 from deepscaler.eval.run import (EvalError, EvalRequest, eval_config, is_evaluated, label, parse_benchmarks,
                                  resolve_run, run_eval)
 from deepscaler.process import apply_process_settings
-from deepscaler.slurm.jobs import ended, wait_for_jobs
-from deepscaler.slurm.options import Request, submitit_parameters
-from deepscaler.store import BASE_EVAL, RunStore, StoreError, private_dir
+from deepscaler.slurm.jobs import ended, plain_array_script, wait_for_jobs
+from deepscaler.slurm.options import Request, quote, submitit_parameters
+from deepscaler.store import BASE_EVAL, RunStore, StoreError, atomic_write_text, private_dir
 
 # --------------------------------------------------------------------------- the sweep's plan
 
@@ -80,20 +83,38 @@ def task_argv(store: RunStore, what: int | str, benchmarks: list[str], args: arg
     return request_argv(task_request(store, what, benchmarks, args))
 
 
-def sweep(args: argparse.Namespace) -> int:
-    """Plan, then submit one array (or print it with --dry-run); --wait polls it and writes the report."""
+@dataclass(frozen=True)
+class Plan:
+    """What a sweep evaluates, decided on the login node; ``--emit-sbatch`` writes the same."""
+
+    cfg: Config
+    store: RunStore
+    benchmarks: list[str]
+    todo: list[int | str]  # in task order: base first
+    done: list[int | str]  # every requested benchmark has a result (empty with --force)
+    parallel: int | None  # --max-parallel, else eval.max_parallel; None or 0: every task at once
+
+
+def plan(args: argparse.Namespace) -> Plan:
     store = resolve_run(args.output_dir, args.run, args.stage)
     cfg, store, _ = eval_config("base", store.output_dir, store.run, store.stage, args.preset, args.overrides)
-    apply_process_settings(cfg, job=False)
     benchmarks = parse_benchmarks(args.benchmarks, cfg)
     wanted: list[int | str] = parse_steps(args.steps, store)
     if args.include_base:
         wanted = [BASE_EVAL, *wanted]
     done = [w for w in wanted if not args.force and is_evaluated(store, w, benchmarks)]
     todo = [w for w in wanted if w not in done]
-    parallel = args.max_parallel or cfg.eval.max_parallel
     if args.max_parallel is not None and args.max_parallel < 1:
         raise EvalError(f"--max-parallel {args.max_parallel}: must be 1 or more")
+    return Plan(cfg, store, benchmarks, todo, done, args.max_parallel or cfg.eval.max_parallel)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Plan, then submit one array (print it with --dry-run, write it as a plain script with
+    --emit-sbatch); --wait polls it and writes the report."""
+    p = plan(args)
+    apply_process_settings(p.cfg, job=False)  # umask etc. before the markers, the logs, the script
+    cfg, store, benchmarks, todo, done, parallel = p.cfg, p.store, p.benchmarks, p.todo, p.done, p.parallel
     what = ", ".join(label(w) for w in todo) or "nothing"
     print(f"# sweep of run '{store.run}' stage {store.stage} on {', '.join(benchmarks)}: {len(todo)} task(s): {what}"
           + (f"; already evaluated: {', '.join(label(w) for w in done)}" if done else ""), flush=True)
@@ -110,6 +131,8 @@ def sweep(args: argparse.Namespace) -> int:
         from deepscaler.prefetch import require_cache
 
         require_cache(cfg, data=False)
+    if args.emit_sbatch:
+        return emit_sbatch(p, args, Path(args.emit_sbatch))
     todo, jobs = submit(cfg, store, todo, benchmarks, args, parallel)
     if not jobs:
         return 0
@@ -138,8 +161,9 @@ def _finish(store: RunStore) -> int:
 
 
 def job_name(store: RunStore) -> str:
-    """What ``squeue`` shows: ``deepscaler-<run>-s<K>-eval``."""
-    return f"deepscaler-{store.run}-s{store.stage}-eval"
+    """``e<K>-<run>-deepscaler``: evaluation, stage and run first, apart from the stage's own
+    ``s<K>-<run>-...`` in squeue's 8-character NAME column (``slurm.stage_job.job_name``)."""
+    return f"e{store.stage}-{store.run}-deepscaler"
 
 
 class EvalTask:
@@ -168,11 +192,21 @@ def executor(cfg: Config, store: RunStore, parallel: int | None):
     """submitit's executor for the array: one task per weights step, ``eval.resources`` each."""
     import submitit
 
-    res = cfg.eval.resources
-    request = Request(res.nodes, 1, res.cpus_per_gpu * max(1, res.gpus_per_node), res.gpus_per_node, res.mem)
-    ex = submitit.SlurmExecutor(folder=(store.logs_dir / "slurm-eval").resolve(), max_num_timeout=cfg.slurm.max_requeues)
-    ex.update_parameters(**submitit_parameters(cfg.slurm, request, name=job_name(store), parallelism=parallel))
+    ex = submitit.SlurmExecutor(folder=log_folder(store), max_num_timeout=cfg.slurm.max_requeues)
+    ex.update_parameters(**submitit_parameters(cfg.slurm, task_resources(cfg), name=job_name(store),
+                                               parallelism=parallel))
     return ex
+
+
+def task_resources(cfg: Config) -> Request:
+    """One array task's resources: ``eval.resources`` (CPUs per GPU, or per task without GPUs)."""
+    res = cfg.eval.resources
+    return Request(res.nodes, 1, res.cpus_per_gpu * max(1, res.gpus_per_node), res.gpus_per_node, res.mem)
+
+
+def log_folder(store: RunStore) -> Path:
+    """The array's logs (and submitit's pickles): ``logs/slurm-eval``, absolute."""
+    return (store.logs_dir / "slurm-eval").resolve()
 
 
 def array_script(ex, tasks: int) -> str:
@@ -188,17 +222,8 @@ def submit(cfg: Config, store: RunStore, todo: list[int | str], benchmarks: list
     Returns (what was submitted, its submitit jobs in the same order)."""
     import submitit
 
-    private_dir(store.logs_dir / "slurm-eval")  # the tasks' pickles: owner-only (docs/security.md)
-    steps = [w for w in todo if w != BASE_EVAL]
-    marked = [s for s in steps if s not in store.pending_evals()]  # ours to remove if sbatch fails
-    for step in steps:
-        store.mark_eval_pending(step, benchmarks)
-    gone = [s for s in steps if not store.is_stable("weights", s)]  # deleted before the marker landed
-    for s in gone:
-        store.clear_eval_pending(s)
-    if gone:
-        print(f"warning: retention deleted steps {gone} before the sweep could claim them", file=sys.stderr)
-        todo = [w for w in todo if w not in gone]
+    private_dir(log_folder(store))  # the tasks' pickles: owner-only (docs/security.md)
+    todo, marked = claim(store, todo, benchmarks)
     if not todo:
         return [], []
     ex = executor(cfg, store, parallel or len(todo))
@@ -217,12 +242,74 @@ def submit(cfg: Config, store: RunStore, todo: list[int | str], benchmarks: list
     return todo, jobs
 
 
+def claim(store: RunStore, todo: list[int | str], benchmarks: list[str]) -> tuple[list[int | str], list[int]]:
+    """Mark the steps PENDING, so that retention keeps them until evaluated, and drop any step
+    retention deleted before its marker landed. Returns (what is left to evaluate, the markers
+    this call wrote: to remove if the submission fails)."""
+    steps = [w for w in todo if w != BASE_EVAL]
+    marked = [s for s in steps if s not in store.pending_evals()]
+    for step in steps:
+        store.mark_eval_pending(step, benchmarks)
+    gone = [s for s in steps if not store.is_stable("weights", s)]  # deleted before the marker landed
+    for s in gone:
+        store.clear_eval_pending(s)
+    if gone:
+        print(f"warning: retention deleted steps {gone} before the sweep could claim them", file=sys.stderr)
+    return [w for w in todo if w not in gone], marked
+
+
+# --------------------------------------------------------------------------- a plain sbatch script
+
+
+def sbatch_script(p: Plan, todo: list[int | str], args: argparse.Namespace) -> str:
+    """``--emit-sbatch``'s script: array task i runs ``python -m deepscaler.eval run --model
+    STEPS[i]`` with the arguments a sweep task gets (:func:`task_argv`), under the header and
+    set-up lines of the sweep's own array (``options.script`` through ``plain_array_script``)."""
+    argv = [quote(a) for a in task_argv(p.store, "", p.benchmarks, args)]
+    argv[argv.index("--model") + 1] = '"${STEPS[SLURM_ARRAY_TASK_ID]}"'
+    lines = [f"{quote(sys.executable)} -u -m deepscaler.eval {argv[0]}"]  # then a line per flag and override
+    for i, word in enumerate(argv[1:], 1):
+        if word.startswith("--") or i >= len(argv) - len(args.overrides):
+            lines.append(word)
+        else:
+            lines[-1] += f" {word}"
+    parallel = min(p.parallel or len(todo), len(todo))  # as submitit caps it
+    return plain_array_script(
+        p.cfg.slurm, task_resources(p.cfg), name=job_name(p.store), folder=log_folder(p.store),
+        comment=f"evaluation of run '{p.store.run}' stage {p.store.stage}, one array task per step "
+                "(python -m deepscaler.eval sweep --emit-sbatch; submit it with sbatch)",
+        tasks=len(todo), parallel=parallel,
+        prelude=["", "# array task i evaluates STEPS[i]", f"STEPS=({' '.join(quote(w) for w in todo)})"],
+        command=" \\\n    ".join(lines))
+
+
+def emit_sbatch(p: Plan, args: argparse.Namespace, path: Path) -> int:
+    """Claim the steps as a sweep does at submit, then write the script atomically; submit nothing.
+    Unsubmitted, the claims keep the steps' weights until a sweep or ``run`` evaluates them."""
+    private_dir(log_folder(p.store))  # Slurm opens the tasks' logs there: it must exist
+    todo, marked = claim(p.store, p.todo, p.benchmarks)
+    if not todo:
+        return 0
+    try:
+        atomic_write_text(path, sbatch_script(p, todo, args))
+    except OSError as e:
+        for step in marked:
+            p.store.clear_eval_pending(step)
+        raise EvalError(f"--emit-sbatch {path}: cannot write it ({e.strerror or e})") from None
+    steps = [w for w in todo if w != BASE_EVAL]
+    print(f"wrote {path}: an array of {len(todo)} task(s); nothing submitted"
+          + (f"; steps {', '.join(map(str, steps))} are claimed (evals/step_N/PENDING: retention keeps them "
+             "until evaluated)" if steps else ""))
+    print(f"sbatch {quote(path.resolve())}")
+    return 0
+
+
 def wait(jobs: list, todo: list[int | str], store: RunStore, poll_s: float = 5.0) -> int:
     """Poll the tasks until all have ended, printing a line whenever the counts change."""
     last = {}
 
     def show(states: dict[str, str]) -> None:
-        counts = Counter(s.replace("UNKNOWN", "SUBMITTED") for s in states.values())  # no sacct record yet
+        counts = Counter(states.values())  # a task sacct does not know yet reads PENDING (wait_for_jobs)
         line = ", ".join(f"{s} {c}" for s, c in sorted(counts.items()))
         if line != last.get("line"):
             done = sum(1 for s in states.values() if ended(s))

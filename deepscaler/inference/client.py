@@ -372,13 +372,18 @@ def first_dead_task(step_log: str) -> tuple[str, int, str] | None:
     return m["node"], int(re.split(r"[,-]", m["tasks"])[0]), how
 
 
+def resume_point(checkpoint: int | None) -> str:
+    """Where ``--resume-step latest`` starts, as the lines that tell a user to resume say it."""
+    return f"checkpoint step {checkpoint}" if checkpoint is not None else "the start: no checkpoint yet"
+
+
 def server_died_line(name: str, node: str | None, address: str | None, how: str, stage: int, run: str,
                      step: int | None, checkpoint: int | None) -> str:
     """The one line a stage fails with when a server died: which one, where, how, and how to
     resume (docs/troubleshooting.md, "A server died")."""
     where = " ".join(x for x in (f"on {node}" if node else "", f"({address})" if address else "") if x)
     during = f" during step {step}" if step is not None else ""
-    since = f"checkpoint step {checkpoint}" if checkpoint is not None else "the start: no checkpoint yet"
+    since = resume_point(checkpoint)
     return (f"server {name}{' ' + where if where else ''} died: {how}{during}; stage {stage} of run '{run}' stopped. "
             f"Resume with --resume-step latest (from {since}); see docs/troubleshooting.md#a-server-died")
 

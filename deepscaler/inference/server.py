@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from deepscaler import cuda_preflight, faults
+from deepscaler import cuda_preflight, faults, handover
 from deepscaler.config import Config, ConfigError, load_config_args, parse_command_line, process_parser
 from deepscaler.errors import is_int, one_line
 from deepscaler.handover import ATTEMPT_ENV, HEARTBEAT_S, Reporter
@@ -547,11 +547,18 @@ def main(argv: list[str] | None = None) -> int:
     store.write_server_address(args.name, host, port)
     log.info("serving on %s:%d (auth %s)", host, port, "on" if app.token else "off")
 
+    # Started by a stage's supervisor: serve until its trainer has finished, then stop by
+    # ourselves, cleanly (exit 0, address removed), so the servers' job step ends COMPLETED.
+    attempt, trained = os.environ.get(ATTEMPT_ENV), False
     while not stop.wait(1.0):
         if app.dead.is_set():
             break
+        if attempt is not None and handover.finished(store, "trainer", attempt):
+            trained = True
+            break
     code = 1 if app.dead.is_set() else 0
-    log.info("stopping (%s)", f"signal {received[0]}" if received else "the engine died")
+    log.info("stopping (%s)", f"signal {received[0]}" if received else "the trainer has finished" if trained
+             else "the engine died")
     store.remove_server_address(args.name)
     httpd.shutdown()
     if not app.lock.acquire(timeout=STOP_GRACE_S):

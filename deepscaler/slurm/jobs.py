@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -26,6 +27,9 @@ from deepscaler.store import private_dir
 # sacct states, most telling first: a failed component fails the job, a running one keeps it alive.
 FAILED = ("NODE_FAIL", "OUT_OF_MEMORY", "FAILED", "TIMEOUT", "CANCELLED", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 ACTIVE = ("RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "PENDING")
+# How long a just-submitted job may be missing from sacct before its state reads UNKNOWN
+# (slurmdbd records a job moments after sbatch; a busy one takes longer).
+UNKNOWN_AFTER_S = 120.0
 
 
 def combine_states(states: Iterable[str]) -> str:
@@ -100,6 +104,19 @@ class ScriptExecutor(submitit.SlurmExecutor):
         return 1
 
 
+def plain_array_script(slurm_cfg, request: Request, *, name: str, folder: Path, comment: str, tasks: int,
+                       parallel: int, prelude: list[str], command: str) -> str:
+    """A plain ``sbatch`` array script, ``tasks`` tasks with ``parallel`` at a time, that a user
+    can read, edit and submit: :func:`options.script`'s header (a stage job's, from the same
+    ``slurm`` settings) plus ``--array``; after the site's set-up lines, ``prelude`` (shell lines
+    that pick a task's work by ``SLURM_ARRAY_TASK_ID``), then ``exec command``. Nothing of
+    submitit runs in it, so USR2 (``--signal``, submitit's requeue) is ignored: a task runs to
+    its time limit and ends TIMEOUT rather than dying early without a word."""
+    s = replace(slurm_cfg, extra_sbatch=[*slurm_cfg.extra_sbatch, f"--array=0-{tasks - 1}%{parallel}"],
+                setup=[*slurm_cfg.setup, "", "trap '' USR2  # no submitit here to requeue on it", *prelude])
+    return script(s, [request], name=name, folder=folder, command=command, comment=comment)
+
+
 def runner_command(folder: Path) -> str:
     """What the batch shell runs: submitit's job runner on ``folder``."""
     import shlex
@@ -118,16 +135,42 @@ def job_states(jobs: list) -> dict[str, str]:
 
 
 def wait_for_jobs(jobs: list, on_poll: Callable[[dict[str, str]], None] | None = None,
-                  poll_s: float = 5.0) -> dict[str, str]:
+                  poll_s: float = 5.0, unknown_after_s: float = UNKNOWN_AFTER_S) -> dict[str, str]:
     """Poll until every job has :func:`ended`; returns ``{job_id: final state}``. ``on_poll``
-    sees the states of each round (a display, state-change lines)."""
+    sees the states of each round (a display, state-change lines).
+
+    A job that sacct has no record of yet was just submitted (slurmdbd records it moments
+    later): PENDING, for ``unknown_after_s``. After that it is UNKNOWN, and a warning says once
+    that Slurm's accounting may be down (docs/troubleshooting.md)."""
+    start, warned = time.monotonic(), set()
     while True:
         states = job_states(jobs)
+        late = time.monotonic() - start >= unknown_after_s
+        for job_id, state in states.items():
+            if state == "UNKNOWN" and not late:
+                states[job_id] = "PENDING"
+            elif state == "UNKNOWN" and job_id not in warned:
+                warned.add(job_id)
+                print(f"warning: sacct has had no record of job {job_id} for {unknown_after_s:.0f} s: is Slurm's "
+                      f"accounting (slurmdbd) up? Check with: sacct -j {job_id} (docs/troubleshooting.md, Slurm jobs)",
+                      file=sys.stderr, flush=True)
         if on_poll is not None:
             on_poll(states)
         if all(ended(s) for s in states.values()):
             return states
         time.sleep(poll_s)
+
+
+def job_state(job_id: str, timeout_s: float = 2.0) -> str | None:
+    """The state sacct gives job ``job_id`` now (its components' folded: :func:`combine_states`),
+    or None when sacct has no record or no answer within ``timeout_s``."""
+    try:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True,
+                             timeout=timeout_s).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [line for line in out.splitlines() if line.strip()]
+    return combine_states(lines) if lines else None
 
 
 def first_node_address(nodelist: str) -> str:

@@ -1,7 +1,12 @@
 """A training stage as a Slurm job: its requests, its job steps, the supervisor inside it.
 
-Three layouts (:func:`layout`):
+Four layouts (:func:`layout`):
 
+- ``shared`` (``slurm.layout: shared``): every GPU of the stage runs one server and one trainer
+  rank, which take turns (sample, then train). One ordinary allocation of the pooled nodes
+  (``config.shared_shape``); one job step runs every server and trainer rank, a task each,
+  so that Slurm divides the CPUs between them while they share the GPUs
+  (``deepscaler.slurm.shared_task``).
 - ``colocated``: when the servers and the trainer fit on one node (stage 1's 4 + 4 GPUs on
   one 8-GPU node), one ordinary allocation whose job steps take disjoint GPUs. A
   heterogeneous job cannot do this: Slurm never puts two of its components on one node, so
@@ -23,23 +28,29 @@ import contextlib
 import io
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import submitit
 
-from deepscaler.config import Config, ConfigError, load_config, server_names
+from deepscaler import handover
+from deepscaler.config import Config, ConfigError, load_config, server_names, shared_shape, stage_layout
+from deepscaler.inference.client import resume_point
 from deepscaler.inference.contract import TOKEN_ENV, TokenError, read_token, write_token
 from deepscaler.process import apply_process_settings
-from deepscaler.slurm.jobs import ScriptExecutor, first_node_address, runner_command, wait_for_jobs
+from deepscaler.slurm.jobs import (FAILED, ScriptExecutor, first_node_address, job_state, runner_command,
+                                  wait_for_jobs)
 from deepscaler.slurm.options import Request, quote
 from deepscaler.store import RunStore, StoreError, private_dir
 
 
-def job_name(cfg: Config) -> str:
-    """What ``squeue`` shows: ``deepscaler-<run>-s<K>``."""
-    return f"deepscaler-{cfg.run.name}-s{cfg.run.stage}"
+def job_name(cfg: Config, servers: bool = False) -> str:
+    """``s<K>-<run>-deepscaler`` (``s<K>i-...``: the servers' job of a two-jobs stage): stage
+    and run first, because squeue's default NAME column shows 8 characters; the whole name is
+    in sacct's JobName and ``squeue -o %j``."""
+    return f"s{cfg.run.stage}{'i' if servers else ''}-{cfg.run.name}-deepscaler"
 
 
 def job_folder(cfg: Config) -> Path:
@@ -75,9 +86,11 @@ def fits_one_node(cfg: Config) -> bool:
 
 
 def layout(cfg: Config) -> str:
-    """``colocated``, ``hetjob`` or ``two_jobs`` (module doc). ``slurm.colocate``: auto
-    colocates whenever both components fit on one node; config validation refuses true when
-    they do not."""
+    """``shared``, ``colocated``, ``hetjob`` or ``two_jobs`` (module doc). A split stage
+    (``slurm.layout``) is placed by ``slurm.colocate``: auto colocates whenever both components
+    fit on one node; config validation refuses true when they do not."""
+    if stage_layout(cfg) == "shared":
+        return "shared"
     if cfg.slurm.colocate is True or (cfg.slurm.colocate == "auto" and fits_one_node(cfg)):
         return "colocated"
     return "hetjob" if cfg.slurm.hetjob else "two_jobs"
@@ -91,8 +104,28 @@ def colocated_request(cfg: Config) -> Request:
     return Request(1, tasks, cpus, inf.gpus_per_node + tr.gpus_per_node, tr.mem or inf.mem)
 
 
+def shared_request(cfg: Config) -> Request:
+    """The pooled nodes, each with a task (and its CPUs) per server and per trainer rank on it."""
+    from deepscaler.slurm.shared_task import per_node
+
+    nodes, gpus = shared_shape(cfg)
+    return Request(nodes, sum(per_node(cfg)), shared_cpus_per_task(cfg), gpus, cfg.slurm.trainer.mem or cfg.slurm.inference.mem)
+
+
+def shared_cpus_per_task(cfg: Config) -> int:
+    """CPUs of every task of the shared step (a step has one ``--cpus-per-task``): each GPU's
+    ``cpus_per_gpu`` (the larger of the two components') divided between the server and the
+    trainer rank on it, so the node holds as many CPUs as a split stage's; on CPU, a task's."""
+    inf, tr = cfg.slurm.inference, cfg.slurm.trainer
+    if not shared_shape(cfg)[1]:
+        return max(inf.cpus_per_gpu, tr.cpus_per_gpu)
+    return max(1, max(inf.cpus_per_gpu, tr.cpus_per_gpu) // 2)
+
+
 def main_job_requests(cfg: Config) -> list[tuple[str, Request]]:
     """(what, request) of each component of the stage's main job."""
+    if layout(cfg) == "shared":  # not built for the other layouts: shared_shape refuses their shapes
+        return [("servers and trainer ranks sharing every GPU, and the orchestrator", shared_request(cfg))]
     return {
         "colocated": [("servers, trainer and orchestrator on one node", colocated_request(cfg))],
         "hetjob": [("inference server(s)", request(cfg, "inference")), ("trainer + orchestrator", request(cfg, "trainer"))],
@@ -111,7 +144,7 @@ def stage_script(cfg: Config, folder: Path, command: str, dependency: str | None
     """The sbatch script of a stage's main job (``servers``: of its servers' job, two_jobs only)."""
     if servers:
         return executor(cfg, folder, [("inference server(s)", request(cfg, "inference"))], dependency,
-                        f"{job_name(cfg)}-inference").render(command)
+                        job_name(cfg, servers=True)).render(command)
     return executor(cfg, folder, main_job_requests(cfg), dependency).render(command)
 
 
@@ -129,10 +162,12 @@ def job_steps(cfg: Config, run_yaml: Path, resume: str | None) -> dict[str, list
     Every step says ``--cpus-per-task``: srun of Slurm 22.05-23.02 does not inherit it from
     sbatch, and a task would get one CPU. GPUs (docs/cluster.md, "Job steps"): each server
     task is bound to its own ``tensor_parallel`` GPUs (``--gpus-per-task``), so vLLM sees them
-    as cuda:0..TP-1; the trainer's tasks share the node's trainer GPUs (``--gpus-per-node``,
-    ``--gpu-bind=none``) and each rank takes the one at its local rank, so the ranks can
-    reach each other's GPUs for NCCL's peer-to-peer transfers where a cluster constrains
-    devices per task."""
+    as cuda:0..TP-1; the trainer's tasks share the node's trainer GPUs (``--gpus-per-node``
+    and no per-task request: every task gets them all) and each rank takes the one at its
+    local rank, so the ranks can reach each other's GPUs for NCCL's peer-to-peer transfers
+    where a cluster constrains devices per task. Not ``--gpu-bind=none``: with several tasks,
+    Slurm 22.05 then sets no ``CUDA_VISIBLE_DEVICES`` at all (found on the local cluster), and
+    on a node without device cgroups rank r would take the node's GPU r, whoever holds it."""
     inf, tr = cfg.slurm.inference, cfg.slurm.trainer
     py, config = sys.executable, ["--config", str(run_yaml)]
     resume_args = ["--resume-step", resume] if resume is not None else []
@@ -143,8 +178,10 @@ def job_steps(cfg: Config, run_yaml: Path, resume: str | None) -> dict[str, list
     # inherit the job's SLURM_GPUS_PER_NODE and SLURM_NTASKS and ask for all of them.
     server_gpus = ([f"--gpus-per-node={inf.gpus_per_node}", f"--gpus-per-task={cfg.inference.tensor_parallel}"]
                    if inf.gpus_per_node else [])
-    trainer_gpus = [f"--gpus-per-node={tr.gpus_per_node}", "--gpu-bind=none"] if tr.gpus_per_node else []
+    trainer_gpus = [f"--gpus-per-node={tr.gpus_per_node}"] if tr.gpus_per_node else []
     trainer_tasks = component_tasks(cfg, "trainer")
+    if how == "shared":
+        return shared_job_steps(cfg, step, py, config, resume_args)
     return {
         "servers": [*step, *place(0), f"--nodes={inf.nodes}", f"--ntasks={len(server_names(cfg))}",
                     f"--cpus-per-task={cpus_per_task(cfg, 'inference')}", *server_gpus,
@@ -156,6 +193,22 @@ def job_steps(cfg: Config, run_yaml: Path, resume: str | None) -> dict[str, list
         "orchestrator": [*step, *(place(1) if how == "hetjob" else []), "--nodes=1", "--ntasks=1",
                          f"--cpus-per-task={cpus_per_task(cfg, 'trainer')}", "--overlap", "--mem=0",
                          py, "-m", "deepscaler.orchestrator", *config, *resume_args],
+    }
+
+
+def shared_job_steps(cfg: Config, step: list[str], py: str, config: list[str],
+                     resume_args: list[str]) -> dict[str, list[str]]:
+    """A shared stage's two steps: ``shared``, every server and trainer rank as a task of its
+    own (``deepscaler.slurm.shared_task`` says which is which), all seeing the node's GPUs; and
+    the orchestrator beside them on the first node, as in the other layouts."""
+    req = shared_request(cfg)
+    gpus = [f"--gpus-per-node={req.gpus_per_node}"] if req.gpus_per_node else []
+    return {
+        "shared": [*step, f"--nodes={req.nodes}", f"--ntasks={req.nodes * req.ntasks_per_node}",
+                   f"--ntasks-per-node={req.ntasks_per_node}", f"--cpus-per-task={req.cpus_per_task}", *gpus,
+                   py, "-m", "deepscaler.slurm.shared_task", *config, *resume_args],
+        "orchestrator": [*step, "--nodes=1", "--ntasks=1", f"--cpus-per-task={shared_cpus_per_task(cfg)}",
+                         "--overlap", "--mem=0", py, "-m", "deepscaler.orchestrator", *config, *resume_args],
     }
 
 
@@ -192,19 +245,100 @@ class StageJob(submitit.helpers.Checkpointable):
                "MASTER_PORT": str(20000 + int(job_id) % 20000),
                TOKEN_ENV: read_token(RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage).root)}
         print(f"attempt {restarts + 1} of job {job_id}: resume {resume or 'no (fresh start)'}", flush=True)
+        sigterm = Sigterm()
         try:
-            store = run_stage(cfg, resume, commands=job_commands, extra_env=env,
-                              event={"slurm_job_id": job_id, "restart_count": restarts})
-        except LaunchError as e:  # its line last, for submit --wait (:func:`stage_error`); no traceback
+            with sigterm.raising():
+                store = run_stage(cfg, resume, commands=job_commands, extra_env=env,
+                                  event={"slurm_job_id": job_id, "restart_count": restarts})
+        except (Cancelled, LaunchError) as e:  # its line last, for submit --wait (:func:`stage_error`); no traceback
+            # A process killed by the job's own SIGTERM (exit 143) is the stop, not the cause.
+            state = job_state(job_id) if sigterm.received else None
+            if state not in REQUEUE_STATES:  # the stage is over: its servers' job ends with it
+                self.stop_servers_job()
+            if sigterm.received:
+                print(stopped_line(cfg, job_id, state), file=sys.stderr, flush=True)
+                raise SystemExit(143) from None
             line, _, tail = str(e).partition("\n")
             print(f"{tail}\nerror: {line}".lstrip("\n"), file=sys.stderr, flush=True)
             raise SystemExit(1) from None
-        if self.servers_job:  # the stage is done: its servers' job ends with it
-            subprocess.run(["scancel", self.servers_job], check=False)
+        self.stop_servers_job()
         return str(store.root)
+
+    def stop_servers_job(self) -> None:
+        if self.servers_job:
+            subprocess.run(["scancel", self.servers_job], check=False)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(StageJob(self.run_yaml, "latest", self.servers_job))
+
+
+class Cancelled(Exception):
+    """The stage's supervisor got SIGTERM (:class:`Sigterm`)."""
+
+
+# sacct states of a job that Slurm has queued again (a requeue, a node failure): it resumes by itself.
+REQUEUE_STATES = ("REQUEUED", "PENDING", "REQUEUE_HOLD", "REQUEUE_FED")
+
+
+class Sigterm:
+    """SIGTERM to the supervisor (the batch job's one task) is Slurm stopping the job: ``scancel``,
+    or Slurm itself (a requeue, a node failure, the end of the time limit). It stops the stage
+    as Ctrl-C stops a local one: :class:`Cancelled` in the main thread, once, while
+    :meth:`raising`, so that ``run_stage`` stops every process on its way out; ``received``
+    tells a process that the stop killed (exit 143) from a failure. submitit only logs a
+    SIGTERM; its requeue signal (USR2, ``options.script``'s ``--signal``) still checkpoints and
+    requeues, and the SIGTERM of that requeue is ignored as before."""
+
+    def __init__(self):
+        self.received = self.armed = self.requeueing = False
+        submitit_requeue = signal.getsignal(signal.SIGUSR2)
+
+        def on_requeue(signum, frame):
+            self.requeueing = True
+            if callable(submitit_requeue):
+                submitit_requeue(signum, frame)
+
+        signal.signal(signal.SIGUSR2, on_requeue)
+        signal.signal(signal.SIGTERM, self.on_sigterm)
+
+    def on_sigterm(self, signum, frame) -> None:
+        if self.requeueing:
+            return
+        self.received = True
+        if self.armed:
+            self.armed = False
+            raise Cancelled("SIGTERM")
+
+    @contextlib.contextmanager
+    def raising(self):
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+
+
+def stopped_line(cfg: Config, job_id: str, state: str | None) -> str:
+    """The last line of a stage job that got SIGTERM, by what sacct says of the job now
+    (``state``, None without an answer): cancelled or ended by Slurm, with the command line that
+    resumes it; or requeued, with where its next attempt starts."""
+    store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
+    orchestrator = handover.read(store, "orchestrator")
+    stage = f"stage {cfg.run.stage} of run '{cfg.run.name}'"
+    during = f" during step {orchestrator.step}" if orchestrator else ""
+    since = resume_point(store.latest_stable("checkpoints"))
+    if state in REQUEUE_STATES:
+        return f"stopped: {stage}{during}: Slurm requeued job {job_id} ({state}); its next attempt resumes from {since}"
+    how = ("cancelled (scancel)" if state == "CANCELLED" else f"ended by Slurm ({state})" if state in FAILED
+           else "got SIGTERM (scancel, or Slurm)")
+    return f"stopped: {stage} {how}{during}. Resume with --resume-step latest (from {since}): {resume_command(store)}"
+
+
+def resume_command(store: RunStore) -> str:
+    """The command line that resumes a stage from its newest checkpoint, with the config it ran
+    with: its run.yaml as the preset sets every key, whatever the submit's own command line was."""
+    return shlex.join(["python", "-m", "deepscaler.submit", "--stage", str(store.stage), "--preset",
+                       str(store.run_yaml.resolve()), "--executor", "slurm", "--resume-step", "latest"])
 
 
 class ServersJob(submitit.helpers.Checkpointable):
@@ -276,10 +410,10 @@ def submit_stages(configs: list[Config], resume: str | None, wait: bool = False)
                 servers_job = None
                 if layout(cfg) == "two_jobs":  # the main job starts once the servers' has
                     servers_job = executor(cfg, folder, [("inference server(s)", request(cfg, "inference"))], dependency,
-                                           f"{job_name(cfg)}-inference").submit(ServersJob(run_yaml))
+                                           job_name(cfg, servers=True)).submit(ServersJob(run_yaml))
                     jobs.append(servers_job)
                     store.append_metrics({"source": "submit", "event": "submitted", "slurm_job_id": servers_job.job_id,
-                                          "job_name": f"{job_name(cfg)}-inference", "dependency": dependency})
+                                          "job_name": job_name(cfg, servers=True), "dependency": dependency})
                     dependency = ",".join(x for x in (dependency, f"after:{servers_job.job_id}") if x)
                 job = executor(cfg, folder, main_job_requests(cfg), dependency).submit(
                     StageJob(run_yaml, resume if i == 0 else None, servers_job.job_id if servers_job else None))
@@ -330,11 +464,12 @@ def wait_for(jobs: list, configs: list[Config], poll_s: float = 5.0) -> int:
 
 
 def stage_error(log: Path) -> str | None:
-    """The last ``error: `` line of a stage job's log: why the stage failed (a dead server
-    named, ...), as the supervisor said it."""
+    """The last ``error: `` or ``stopped: `` line of a stage job's log: why the stage failed (a
+    dead server named, ...) or how it was stopped and resumes (:func:`stopped_line`), as the
+    supervisor said it."""
     try:
         lines = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return None
-    return next((x for x in reversed(lines) if x.startswith("error: ")), None)
+    return next((x for x in reversed(lines) if x.startswith(("error: ", "stopped: "))), None)
 

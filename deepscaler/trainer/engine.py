@@ -17,6 +17,7 @@ import torch.distributed as torch_dist
 from torch.utils.checkpoint import checkpoint
 
 from deepscaler.config import TrainerConfig
+from deepscaler.process import visible_gpus
 from deepscaler.trainer.loss import (grpo_loss, mismatch_metrics, token_log_probs, token_log_probs_and_entropy,
                                      truncated_is_weights)
 
@@ -37,7 +38,8 @@ class Dist:
         """Where this rank runs and whom it meets, one line per rank in the trainer's log: what
         a multi-node run is checked by (rank, local rank and node of every rank)."""
         return (f"trainer rank {self.rank} of {self.world_size}: local rank {self.local_rank} on node {self.node}, "
-                f"device {self.device}, rendezvous {env.get('MASTER_ADDR', '-')}:{env.get('MASTER_PORT', '-')}")
+                f"device {self.device}, GPUs {visible_gpus()}, "
+                f"rendezvous {env.get('MASTER_ADDR', '-')}:{env.get('MASTER_PORT', '-')}")
 
 
 def free_port() -> int:

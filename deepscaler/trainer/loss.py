@@ -225,12 +225,15 @@ def truncated_is_weights(old_logp: Tensor, behaviour_logp: Tensor, mask: Tensor,
 def mismatch_metrics(old_logp: Tensor, behaviour_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """How far the sampler's log-probs are from the trainer's for the same weights and tokens:
     ``mismatch_kl``, the token-mean k3 estimate of KL(sampler || trainer) under the sampler's
-    tokens (exp(d) - d - 1 with d = old - behaviour), and ``mismatch_max``, the largest |d|."""
+    tokens (exp(d) - d - 1 with d = old - behaviour), and ``mismatch_max``, the largest |d|.
+    The KL is computed as expm1(d) - d, floored at 0: d is tiny when sampler and trainer agree,
+    and exp(d) - 1 then rounds below d, which showed a healthy run's KL as -1e-10."""
     m = _bool_mask(mask, old_logp)
     zero = torch.zeros_like(old_logp, dtype=torch.float32)
     d = torch.where(m, old_logp.float() - torch.where(m, behaviour_logp.float(), zero), zero)
     d = d.clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
-    return {"mismatch_kl": masked_token_mean(torch.exp(d) - d - 1.0, m), "mismatch_max": _masked_max(d.abs(), m)}
+    kl = (torch.expm1(d) - d).clamp_min(0.0)
+    return {"mismatch_kl": masked_token_mean(kl, m), "mismatch_max": _masked_max(d.abs(), m)}
 
 
 def low_var_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:

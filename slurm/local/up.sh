@@ -2,8 +2,10 @@
 # up.sh - bring up the project's local single-host Slurm 22.05 cluster (Debian
 # packages) without systemd: munged, MariaDB + slurmdbd (for sacct), slurmctld,
 # and four slurmd processes serving logical nodes node1..node4, each with two
-# fake GPUs. Installs the packages when missing. Idempotent: re-running leaves
-# running daemons alone unless the configuration changed. Run as root:
+# fake GPUs; an account, deepscaler-test, for the tests to charge. Installs the
+# packages when missing. Idempotent: re-running leaves running daemons alone
+# unless the configuration changed, and adds the account only if missing. Run
+# as root:
 #
 #   sudo bash slurm/local/up.sh        # then: sinfo, sbatch, sacct, ...
 #   sudo bash slurm/local/down.sh      # stop it (--purge: also state, logs, DB)
@@ -15,6 +17,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 WAIT_S=${SLURM_LOCAL_WAIT:-60}
 NODES=(node1 node2 node3 node4)
+TEST_ACCOUNT=deepscaler-test        # tests/slurm_cluster.py's TEST_ACCOUNT
 MARK='# deepscaler slurm/local: managed by slurm/local/up.sh'
 OWNED=/run/deepscaler-slurm-local   # which shared daemons up.sh started (down.sh stops only those)
 T_START=${EPOCHREALTIME/./}          # microseconds (bash >= 5)
@@ -177,4 +180,27 @@ until sacct -n -X -o JobID -S now >/dev/null 2>&1; do
   fi
   sleep 0.2
 done
-log "cluster ready: $(sinfo -h -N -o '%N=%t' | tr '\n' ' ')partition $(sinfo -h -o %P | tr '\n' ' ')sacct ok"
+
+# --- 7. the tests' account ------------------------------------------------------------------
+# A job may charge it (--account=deepscaler-test): the site-file test does. Without
+# AccountingStorageEnforce Slurm takes an account it does not know and records the user's
+# default one (root) instead, silently. For root, and for the user who ran `sudo` (who runs
+# the tests on a workstation); a user's existing default account stays. slurmctld registers the
+# cluster in slurmdbd soon after it starts: an account needs that cluster.
+until [ "$(sacctmgr -n -P show cluster localcluster format=Cluster 2>/dev/null)" = localcluster ]; do
+  [ "$(date +%s)" -lt "$deadline" ] || die "cluster 'localcluster' not registered in slurmdbd after ${WAIT_S}s"
+  sleep 0.2
+done
+users=(root)
+[ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ] && users+=("$SUDO_USER")
+if [ -z "$(sacctmgr -n -P show account names="$TEST_ACCOUNT" format=Account)" ]; then
+  sacctmgr -i add account "$TEST_ACCOUNT" description="deepscaler tests" organization=deepscaler >/dev/null
+  log "account $TEST_ACCOUNT added"
+fi
+for u in "${users[@]}"; do
+  if [ -z "$(sacctmgr -n -P show associations accounts="$TEST_ACCOUNT" users="$u" format=User)" ]; then
+    sacctmgr -i add user "$u" account="$TEST_ACCOUNT" >/dev/null
+    log "user $u may charge account $TEST_ACCOUNT"
+  fi
+done
+log "cluster ready: $(sinfo -h -N -o '%N=%t' | tr '\n' ' ')partition $(sinfo -h -o %P | tr '\n' ' ')sacct ok, account $TEST_ACCOUNT"

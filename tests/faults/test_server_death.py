@@ -268,7 +268,7 @@ def test_a_server_killed_in_a_slurm_stage_is_named_by_submit_wait(slurm_cluster,
     assert submit.returncode == 1, out[-2000:] + err[-3000:]
     assert waited < 90, f"the job took {waited:.0f}s to end after a server died"  # stop grace 15 s + sacct polls
     errors = [x for x in err.splitlines() if x.startswith("error: ")]
-    assert len(errors) == 2 and errors[1].startswith(f"error: job {job} (deepscaler-tiny-s1) ended FAILED"), err
+    assert len(errors) == 2 and errors[1].startswith(f"error: job {job} (s1-tiny-deepscaler) ended FAILED"), err
     m = died_line(server1_node).fullmatch(errors[0])
     assert m, errors[0]
     assert int(m["checkpoint"]) == store.latest_stable("checkpoints")

@@ -1,10 +1,13 @@
 """The eval sweep on the real local Slurm cluster: a tiny run of 2 steps (local executor), then
 ONE array job through submitit with a task per weights step plus the base model, the report,
-and a second sweep that finds nothing to do.
-About 2-3 minutes on a loaded 2-core machine."""
+and a second sweep that finds nothing to do; then the plain script of ``--emit-sbatch``,
+submitted with ``sbatch`` itself.
+About 3-4 minutes on a loaded 2-core machine."""
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from deepscaler.store import RunStore
-from tests.slurm_cluster import slurm_env
+from tests.slurm_cluster import TEST_ACCOUNT, SlurmCluster, slurm_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +75,7 @@ def test_sweep_is_one_array_with_a_task_per_step(slurm_cluster, tiny_run: RunSto
     assert f"{array}_0=base, {array}_1=step_1, {array}_2=step_2" in submitted[0]
 
     jobs = sacct(array)
-    assert jobs == {f"{array}_{i}": ("deepscaler-tiny-s1-eval", "COMPLETED") for i in range(3)}, jobs
+    assert jobs == {f"{array}_{i}": ("e1-tiny-deepscaler", "COMPLETED") for i in range(3)}, jobs
     script = (store.logs_dir / "slurm-eval" / f"{array}_submission.sh").read_text()
     assert "#SBATCH --array=0-2%2" in script and "#SBATCH --cpus-per-task=1" in script
 
@@ -89,3 +92,38 @@ def test_sweep_is_one_array_with_a_task_per_step(slurm_cluster, tiny_run: RunSto
     again = cli("deepscaler.eval", "sweep", "--output-dir", str(store.output_dir), "--include-base")
     assert again.returncode == 0 and "nothing to evaluate" in again.stdout, again.stdout + again.stderr
     assert "submitted" not in again.stdout
+
+
+def test_emitted_script_runs_with_plain_sbatch(slurm_cluster: SlurmCluster, tiny_run: RunStore) -> None:
+    """No submitit: the script ``--emit-sbatch`` writes, submitted as a user would, one result
+    per step; its header carries the partition and account of the config."""
+    store = tiny_run
+    shutil.rmtree(store.evals_dir, ignore_errors=True)  # whatever the test above evaluated: again
+    script = store.output_dir / "eval array.sh"
+    site = [f"slurm.partition={slurm_cluster.partition}"]
+    if TEST_ACCOUNT in slurm_cluster.accounts:
+        site.append(f"slurm.account={TEST_ACCOUNT}")
+    done = cli("deepscaler.eval", "sweep", "--output-dir", str(store.output_dir), "--max-parallel", "2",
+               "--emit-sbatch", str(script), *site)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == f"sbatch {shlex.quote(str(script.resolve()))}", done.stdout
+    assert store.pending_evals() == [1, 2]  # claimed at emit, as a sweep claims at submit
+    queued = subprocess.run(["squeue", "-h", "-n", "e1-tiny-deepscaler", "-o", "%i"], capture_output=True, text=True,
+                            timeout=15, env=slurm_env()).stdout
+    assert not queued.strip(), queued  # the command itself submits nothing
+
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=30, env=env())
+    assert sub.returncode == 0, sub.stderr
+    array = sub.stdout.strip().split(";")[0]
+    jobs = wait_final(array, 2)
+    assert jobs == {f"{array}_{i}": ("e1-tiny-deepscaler", "COMPLETED") for i in range(2)}, jobs
+    rows = subprocess.run(["sacct", "-n", "-P", "-X", "-j", array, "-o", "Partition,Account"], capture_output=True,
+                          text=True, timeout=15, env=slurm_env()).stdout.split()
+    assert {row.split("|")[0] for row in rows} == {slurm_cluster.partition}, rows
+    if TEST_ACCOUNT in slurm_cluster.accounts:
+        assert {row.split("|")[1] for row in rows} == {TEST_ACCOUNT}, rows
+    for step in (1, 2):
+        for bench in BENCHES:
+            assert store.eval_path(step, bench).is_file(), (step, bench)
+    assert sorted(store.read_evals()) == [1, 2]  # one result per step, nothing else
+    assert store.pending_evals() == []  # each task removed its step's claim

@@ -21,7 +21,7 @@ import pytest
 from safetensors.torch import load_file
 
 from deepscaler.store import RunStore
-from tests.integration.test_slurm_stage import hostnames, submitted_jobs, wait_until
+from tests.integration.test_slurm_stage import hostnames, step_cpus, submitted_jobs, wait_until
 from tests.slurm_cluster import slurm_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -59,12 +59,18 @@ def component_nodes(job: str) -> dict[int, list[str]]:
             if re.fullmatch(rf"{job}\+\d", r["id"])}
 
 
-def rank_lines(store: RunStore) -> dict[int, tuple[int, str, str]]:
-    """rank -> (local rank, node, rendezvous) from the trainer log of the latest attempt."""
-    text = (store.logs_dir / "trainer.log").read_text()
-    found = re.findall(r"trainer rank (\d+) of 2: local rank (\d+) on node (\S+), device \S+, rendezvous (\S+)",
-                       text.rsplit("=== ", 1)[-1])
-    return {int(r): (int(local), node, where) for r, local, node, where in found}
+def rank_lines(store: RunStore, log: str = "trainer") -> dict[int, tuple[int, str, str]]:
+    """rank -> (local rank, node, rendezvous) from the trainer's log (a shared stage's: the
+    ``shared`` step's) of the latest attempt."""
+    return {r: (local, node, where) for r, (local, node, _, where) in rank_details(store, log).items()}
+
+
+def rank_details(store: RunStore, log: str) -> dict[int, tuple[int, str, str, str]]:
+    """rank -> (local rank, node, GPUs, rendezvous), as each rank logs it."""
+    text = (store.logs_dir / f"{log}.log").read_text()
+    found = re.findall(r"trainer rank (\d+) of 2: local rank (\d+) on node (\S+), device \S+, GPUs (\S+), "
+                       r"rendezvous (\S+)", text.rsplit("=== ", 1)[-1])
+    return {int(r): (int(local), node, gpus, where) for r, local, node, gpus, where in found}
 
 
 def shard_nodes(store: RunStore, step: int) -> dict[int, str]:
@@ -199,3 +205,75 @@ def test_a_requeue_with_a_node_drained_resumes_on_other_nodes_bit_exactly(slurm_
     assert [s["resumed_from"] for s in starts] == [None, 1], starts
     assert set(shard_nodes(store, STEPS).values()) == set(component_nodes(job)[1]) != set(first[1])
     assert differing(store, two_ranks_one_node, STEPS) == []
+
+
+# --------------------------------------------------------------------------- shared GPUs
+
+# slurm.layout=shared pools both components' GPUs: here 1 + 1 fake GPUs, so 2 GPUs, each
+# running one server and one trainer rank: the reference's 2 servers and 2 ranks.
+SHARED = ["slurm.layout=shared", "slurm.inference.gpus_per_node=1", "slurm.trainer.gpus_per_node=1"]
+
+
+@pytest.fixture(scope="module")
+def shared_one_node(slurm_cluster, tmp_path_factory):
+    """Stage 1's default layout: one node whose 2 GPUs each hold a server and a trainer rank."""
+    out = tmp_path_factory.mktemp("shared-one-node")
+    store = RunStore(out, "tiny", 1)
+    t0 = time.monotonic()
+    try:
+        done = submit(out, "--executor", "slurm", "--wait", *SHARED)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        print(f"shared layout, one node: {time.monotonic() - t0:.0f} s")
+        (job,) = submitted_jobs(store)
+        yield store, job
+    finally:
+        cancel_jobs(store)
+
+
+def server_gpus(store: RunStore) -> dict[str, str]:
+    """server name -> the GPUs it logs when ready (a shared step's servers)."""
+    text = (store.logs_dir / "shared.log").read_text().rsplit("=== ", 1)[-1]
+    return dict(re.findall(r"(server\d+) INFO engine ready .*GPUs (\S+)\)", text))
+
+
+def test_shared_layout_runs_a_server_and_a_trainer_rank_on_each_gpu_of_one_node(shared_one_node,
+                                                                                  two_ranks_one_node) -> None:
+    store, job = shared_one_node
+    rows = sacct_rows(job)
+    assert len({n for r in rows if r["nodes"] for n in hostnames(r["nodes"])}) == 1, rows
+    # One step of 4 tasks, a CPU each (Slurm divides the node's CPUs between the servers and the
+    # ranks), and the orchestrator's step beside it.
+    assert step_cpus(job) == {"deepscaler.slurm.shared_task": 4, "deepscaler.orchestrator": 1}
+    # Each GPU is named by a server and by a trainer rank: rank r and server r share GPU r.
+    ranks = rank_details(store, "shared")
+    servers = server_gpus(store)
+    assert sorted(ranks) == [0, 1] and sorted(servers) == ["server0", "server1"], (ranks, servers)
+    assert {ranks[r][2] for r in (0, 1)} == {"0", "1"}, ranks
+    assert [servers[f"server{r}"] for r in (0, 1)] == [ranks[r][2] for r in (0, 1)], (servers, ranks)
+    # Start order: every rank started after both servers were ready (vLLM sizes its KV cache
+    # from the memory free when it starts).
+    log = (store.logs_dir / "shared.log").read_text().rsplit("=== ", 1)[-1]
+    assert max(log.index(f"server{i} INFO serving on") for i in (0, 1)) < min(
+        log.index(f"trainer rank {r} of 2") for r in (0, 1)), log[-3000:]
+    # The servers stopped by themselves once the trainer had finished: the step ended well.
+    assert "stopping (the trainer has finished)" in log and "CANCELLED" not in log
+    assert differing(store, two_ranks_one_node, STEPS) == []
+    assert differing(store, store, STEPS, STEPS - 1), "the last step changed nothing: the comparison proves nothing"
+
+
+def test_shared_layout_over_two_nodes_matches_the_split_layout(slurm_cluster, tmp_path, two_ranks_one_node) -> None:
+    """Stage 2 and 3's shared shape: nodes of one GPU each (slurm.gpus_per_node_max=1), so the
+    pool is 2 nodes, each GPU a server and a rank; ranks meet across nodes over gloo."""
+    store = RunStore(tmp_path, "tiny", 1)
+    try:
+        done = submit(tmp_path, "--executor", "slurm", "--wait", *SHARED, "slurm.gpus_per_node_max=1")
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        (job,) = submitted_jobs(store)
+        nodes = hostnames(sacct_rows(job)[0]["nodes"])
+        assert len(nodes) == 2, nodes
+        ranks = rank_details(store, "shared")
+        assert [ranks[r][1] for r in (0, 1)] == nodes and {ranks[r][0] for r in (0, 1)} == {0}, (ranks, nodes)
+        assert {ranks[r][2] for r in (0, 1)} == {"0"} and set(server_gpus(store).values()) == {"0"}
+        assert differing(store, two_ranks_one_node, STEPS) == []
+    finally:
+        cancel_jobs(store)

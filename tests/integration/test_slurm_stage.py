@@ -4,7 +4,9 @@ per stage, chained stages, requeue at a time limit, scancel and resume, sbatch's
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -13,12 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
+from deepscaler.config import yaml_dir
 from deepscaler.inference.contract import read_token, token_path
 from deepscaler.store import STABLE, RunStore
 from tests.helpers.chaos import REFERENCE_STEPS
-from tests.slurm_cluster import slurm_env
+from tests.slurm_cluster import HINT, TEST_ACCOUNT, slurm_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -34,14 +38,18 @@ def cancel_leftover_jobs(tmp_path: Path):
             subprocess.run(["scancel", *submitted_jobs(store)], env=slurm_env(), check=False)
 
 
-def submit_argv(out: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "deepscaler.submit", "--preset", "tiny-random", "--output-dir", str(out), *args]
+def submit_argv(out: Path | None, *args: str, presets: tuple[str, ...] = ("tiny-random",)) -> list[str]:
+    """``out`` None: no ``--output-dir``, a preset (a site file) gives it."""
+    return [sys.executable, "-m", "deepscaler.submit", *(arg for p in presets for arg in ("--preset", p)),
+            *(["--output-dir", str(out)] if out else []), *args]
 
 
-def submit(out: Path, *args: str, timeout: int = 600, umask: int | None = None) -> subprocess.CompletedProcess:
+def submit(out: Path | None, *args: str, timeout: int = 600, umask: int | None = None,
+           presets: tuple[str, ...] = ("tiny-random",)) -> subprocess.CompletedProcess:
     """``umask``: the one the submitting shell has (Slurm hands it on to the job)."""
-    return subprocess.run(submit_argv(out, *args), capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env=slurm_env(), preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+    return subprocess.run(submit_argv(out, *args, presets=presets), capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=slurm_env(),
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
 
 
 def modes_beyond(root: Path, allowed: int) -> list[str]:
@@ -103,27 +111,57 @@ def step_cpus(job_id: str) -> dict[str, int]:
             for line in out.splitlines() if "|srun " in line}
 
 
+def config_sources(*items: str) -> dict[str, tuple[object, str]]:
+    """``python -m deepscaler.config ITEMS --sources``: key -> (value, the file or override that set it)."""
+    out = subprocess.run([sys.executable, "-m", "deepscaler.config", *items, "--sources"], capture_output=True,
+                         text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = (line.split(": ", 1) for line in out.stdout.splitlines())
+    return {key: (json.loads(value), source) for key, rest in rows for value, source in [rest.rsplit("  # ", 1)]}
+
+
 def test_a_stage_is_one_hetjob_with_two_components(slurm_cluster, tmp_path: Path) -> None:
+    """Submitted as a user would on a cluster: a site file (partition, account, output folder)
+    with a preset stacked after it (issue 26): the job lands with all three, and ``config
+    --sources`` says which file set each value."""
+    assert TEST_ACCOUNT in slurm_cluster.accounts, f"no account {TEST_ACCOUNT} for this user: {HINT}"
+    site = tmp_path / "site.yaml"
+    site.write_text(f"slurm:\n  partition: debug\n  account: {TEST_ACCOUNT}\nrun:\n  output_dir: {tmp_path}\n")
+    where = config_sources("stage1", str(site), "tiny-random")
+    assert where["slurm.partition"] == ("debug", str(site)) and where["slurm.account"] == (TEST_ACCOUNT, str(site))
+    assert where["run.output_dir"] == (str(tmp_path), str(site))
+    assert where["model.name"] == ("tiny", str(yaml_dir() / "tiny-random.yaml"))
     # The reward pool sizes itself (workers 0) from the CPUs its step may use. A user whose umask
     # is 0077 keeps it: run.umask ("0027") never loosens it, on the login node nor in the job.
-    done = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "2", "--wait",
-                  "orchestrator.reward.workers=0", umask=0o077)
+    done = submit(None, "--stage", "1", "--executor", "slurm", "--max-steps", "2", "--wait",
+                  "orchestrator.reward.workers=0", umask=0o077, presets=(str(site), "tiny-random"))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     store = RunStore(tmp_path, "tiny", 1)
     (job,) = submitted_jobs(store)
     states = sacct(job)
     assert states[f"{job}+0"] == "COMPLETED" and states[f"{job}+1"] == "COMPLETED", states
+    # Slurm's own record of both components: the site's partition and account (an account
+    # Slurm did not know would read root here); run.yaml holds the site's folder.
+    charged = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "Partition,Account"], capture_output=True,
+                             text=True, env=slurm_env()).stdout.split()
+    assert charged == [f"debug|{TEST_ACCOUNT}"] * 2, charged
+    assert yaml.safe_load(store.run_yaml.read_text())["run"]["output_dir"] == str(tmp_path)
     # Each job step holds the CPUs its component asked for (tiny: 1 per task), and each process
     # sizes itself by them, not by the node (this local cluster binds no CPUs: task/none).
     assert step_cpus(job) == {"deepscaler.inference": 1, "deepscaler.trainer": 1, "deepscaler.orchestrator": 1}
     logs = {name: (store.logs_dir / f"{name}.log").read_text() for name in ("servers", "trainer", "orchestrator")}
     assert "; 1 usable CPU(s), GPUs none)" in logs["servers"] and ", 1 usable CPU(s), GPUs none" in logs["trainer"]
     assert "reward pool of 1 worker(s); 1 usable CPU(s)" in logs["orchestrator"]
+    # A healthy stage looks healthy: the server stopped by itself once the trainer had finished
+    # (its step ran to COMPLETED, not CANCELLED), and took its address with it.
+    assert "stopping (the trainer has finished)" in logs["servers"], logs["servers"][-2000:]
+    assert "CANCELLED" not in logs["servers"] and "Killed" not in logs["servers"], logs["servers"][-2000:]
+    assert store.read_server_addresses() == {}
     assert store.is_stable("weights", 2)
     assert "step 1  reward" in done.stdout  # --wait streamed the progress lines
     squeue_name = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobName"], capture_output=True,
                                  text=True, env=slurm_env()).stdout.split()
-    assert "deepscaler-tiny-s1" in squeue_name
+    assert "s1-tiny-deepscaler" in squeue_name  # squeue's 8-character NAME column: s1-tiny-
     status = subprocess.run([sys.executable, "-m", "deepscaler.status", "--output-dir", str(tmp_path)],
                             capture_output=True, text=True, cwd=REPO, env={**slurm_env(), "COLUMNS": "200"})
     assert status.returncode == 0, status.stderr
@@ -280,6 +318,8 @@ def test_time_limit_requeues_and_the_result_equals_an_uninterrupted_run(slurm_cl
 
 
 def test_scancel_leaves_stable_steps_and_resume_continues(slurm_cluster, tmp_path: Path) -> None:
+    """The cancelled job's log ends with one line, no traceback, whose command resumes the
+    stage; that resume's --wait ends as a local run does."""
     out = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "6", "checkpoint.interval=2")
     assert out.returncode == 0, out.stderr
     store = RunStore(tmp_path, "tiny", 1)
@@ -289,15 +329,24 @@ def test_scancel_leaves_stable_steps_and_resume_continues(slurm_cluster, tmp_pat
     wait_until(lambda: job_ended(job), 120, f"job {job} to end")
     only_stable_steps(store)
     assert store.latest_stable("weights") < 6
+    log = (store.logs_dir / "slurm" / f"{job}_0_log.err").read_text()
+    last = log.splitlines()[-1]
+    assert "Traceback" not in log, log
+    assert last.startswith("stopped: stage 1 of run 'tiny' cancelled (scancel) during step "), log
+    assert f"(from checkpoint step {store.latest_stable('checkpoints')}): python -m deepscaler.submit " in last, last
 
     bad = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "6", "--resume-step", "5")
     assert bad.returncode == 2 and "--resume-step 5: no stable checkpoint" in bad.stderr and "(stable: " in bad.stderr
 
-    resumed = submit(tmp_path, "--stage", "1", "--executor", "slurm", "--max-steps", "6", "checkpoint.interval=2",
-                     "--resume-step", "latest", "--wait")
+    command = shlex.split(last.split(": ", 2)[2])  # the line's command, as a user pastes it
+    assert command[:3] == ["python", "-m", "deepscaler.submit"], last
+    resumed = subprocess.run([sys.executable, *command[1:], "--wait"], capture_output=True, text=True, cwd=REPO,
+                             timeout=600, env=slurm_env())
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert store.is_stable("weights", 6)
     only_stable_steps(store)
+    assert "UNKNOWN" not in resumed.stdout, resumed.stdout  # a job sacct does not know yet is PENDING
+    assert "stage 1 of run 'tiny' finished: 6 steps" in resumed.stdout and "\nnext:\n" in resumed.stdout, resumed.stdout
 
 
 def test_without_hetjobs_two_ordinary_jobs_run_the_stage(slurm_cluster, tmp_path: Path) -> None:

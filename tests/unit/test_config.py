@@ -231,7 +231,7 @@ def test_meaning_errors(tmp_path):
     msg = _error(tmp_path, files=[stage1], overrides=["slurm.time=1", "slurm.signal_delay_s=30"])
     assert "key 'slurm.signal_delay_s' (30 s) + 30 s must be less than slurm.time (1)" in msg
     load_config([stage1], ["slurm.time=2", "slurm.signal_delay_s=30"])  # 60-90 s per attempt: accepted
-    msg = _error(tmp_path, files=[stage1], overrides=["inference.tensor_parallel=3"])
+    msg = _error(tmp_path, files=[stage1], overrides=["inference.tensor_parallel=3", "slurm.layout=split"])
     assert "must divide slurm.inference.gpus_per_node (4)" in msg
     msg = _error(tmp_path, files=[stage1], overrides=["checkpoint.init_from_stage=1"])
     assert "key 'checkpoint.init_from_stage' must name an earlier stage" in msg

@@ -228,7 +228,7 @@ def test_dry_run_skips_evaluated_steps_and_prints_the_array_script(tmp_path: Pat
     assert [t[t.index("--model") + 1] for t in tasks] == ["base", "0", "2", "3"]
     assert tasks[0][tasks[0].index("--output-dir") + 1] == str(out.resolve())
     sbatch = [line for line in text.splitlines() if line.startswith("#SBATCH ")]
-    for line in ("#SBATCH --array=0-3%2", "#SBATCH --job-name=deepscaler-tiny-s1-eval", "#SBATCH --cpus-per-task=1",
+    for line in ("#SBATCH --array=0-3%2", "#SBATCH --job-name=e1-tiny-deepscaler", "#SBATCH --cpus-per-task=1",
                  "#SBATCH --signal=USR2@60"):
         assert line in sbatch, (line, sbatch)
     assert not store.pending_evals()  # a dry run claims nothing
@@ -270,7 +270,7 @@ def test_task_resources_come_from_eval_resources_and_slurm(tmp_path: Path) -> No
     store = make_run(tmp_path)
     tiny = load_config(store.run_yaml)
     assert executor(tiny, store, None).parameters == {
-        "job_name": "deepscaler-tiny-s1-eval", "time": 30, "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": 1,
+        "job_name": "e1-tiny-deepscaler", "time": 30, "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": 1,
         "signal_delay_s": 60}
     gpu = load_config(REPO / "yaml/eval.yaml", ["slurm.partition=gpu", "slurm.account=proj", "eval.resources.mem=64G",
                                                 "slurm.extra_sbatch=[--exclusive, --mail-type=END]",

@@ -179,3 +179,17 @@ def test_ranks_other_than_0_write_no_report(store):
     with Reporter(store, "trainer", 1, active=False) as report:
         report.at(2)
     assert handover.read(store, "trainer") is None
+
+
+def test_finished_means_this_attempts_trainer_finished(store, monkeypatch):
+    """What ends the servers of a stage (they stop by themselves): only this attempt's
+    trainer reporting it finished; not a running one, a failed one, another attempt's, nor any
+    report for a process started by hand (no attempt)."""
+    assert not handover.finished(store, "trainer", "attempt-1")  # no report yet
+    with Reporter(store, "trainer", 3):
+        assert not handover.finished(store, "trainer", "attempt-1")  # running
+    assert handover.finished(store, "trainer", "attempt-1")
+    assert not handover.finished(store, "trainer", "attempt-2") and not handover.finished(store, "trainer", None)
+    with pytest.raises(RuntimeError), Reporter(store, "trainer", 3):
+        raise RuntimeError("boom")
+    assert not handover.finished(store, "trainer", "attempt-1")  # failed

@@ -430,3 +430,17 @@ def test_weights_scale_each_token_and_a_ratio_against_itself_is_exactly_one():
     d = torch.tensor([0.1, -0.2])
     assert mm["mismatch_kl"].item() == pytest.approx(float((d.exp() - d - 1).mean()))
     assert mm["mismatch_max"].item() == pytest.approx(0.2)  # the masked 9.0 stays out
+
+
+def test_the_mismatch_kl_of_tiny_differences_is_never_negative():
+    """exp(d) - d - 1 in float32 rounds below zero for |d| ~ 1e-5 (status showed -1e-10): the
+    metric stays at or above zero there, close to d^2/2, and keeps the k3 value of a visible
+    mismatch (test_weights_scale_each_token_and_a_ratio_against_itself_is_exactly_one)."""
+    from deepscaler.trainer.loss import mismatch_metrics
+
+    d = torch.linspace(-1e-5, 1e-5, 201).unsqueeze(0)
+    assert (torch.exp(d) - d - 1.0).mean().item() < 0  # the old form, on the same tokens
+    mask = torch.ones_like(d, dtype=torch.bool)
+    kl = mismatch_metrics(torch.zeros_like(d), -d, mask)["mismatch_kl"].item()
+    assert kl >= 0 and kl == pytest.approx(float((d.double() ** 2 / 2).mean()), rel=1e-2)
+    assert mismatch_metrics(d, d, mask)["mismatch_kl"].item() == 0.0  # identical log-probs

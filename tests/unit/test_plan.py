@@ -122,31 +122,31 @@ def layout(p, name):
     return next(lay for lay in p["layouts"] if lay["name"] == name)
 
 
-def test_stage_1_chooses_a_layout_at_most_55_percent_of_the_configured_gpu_hours(stage_1_plan):
-    """The configured 4+4 split, synchronous, idles half its GPUs; the chosen layout does not."""
+def test_stage_1_chooses_a_layout_at_most_55_percent_of_the_split_gpu_hours(stage_1_plan):
+    """The components' 4+4 split, synchronous, idles half its GPUs; the chosen layout does not."""
     p = stage_1_plan
-    configured = layout(p, p["configured"])
-    assert configured["name"] == "split 4+4" and configured["gpu_hours"] == p["time"]["gpu_hours"]
-    assert configured["busy_fraction"] < 0.55
+    split = layout(p, p["components_split"])
+    assert split["name"] == "split 4+4" and split["busy_fraction"] < 0.55
+    assert p["configured"] == "shared" and layout(p, "shared")["gpu_hours"] == p["time"]["gpu_hours"]
     chosen = layout(p, p["chosen"])
     assert chosen["fits"] and chosen["gpus"] == 8
-    assert chosen["gpu_hours"] <= 0.55 * configured["gpu_hours"] and chosen["busy_fraction"] >= 0.85
+    assert chosen["gpu_hours"] <= 0.55 * split["gpu_hours"] and chosen["busy_fraction"] >= 0.85
     assert min(lay["gpu_hours"] for lay in p["layouts"] if lay["fits"]) == chosen["gpu_hours"]
     # every split of 8 GPUs, and the shared one
     assert sorted(lay["name"] for lay in p["layouts"]) == sorted(["shared", *(f"split {s}+{8 - s}" for s in range(1, 8))])
     for lay in p["layouts"]:
         assert set(lay) >= {"name", "gpus", "step_s", "busy_fraction", "gpu_hours", "fits", "why"}
         assert 0 < lay["busy_fraction"] <= 1 and (lay["why"] is None) == lay["fits"]
-    assert p["chosen"] in p["choice"] and "split 4+4" in p["choice"]
+    assert p["chosen"] in p["choice"] and "the configured shared" in p["choice"]
 
 
 def test_async_splits_overlap_their_phases():
     """At async_level 1 a split's step is the longer phase plus the weights, not their sum."""
     p = plan.plan(stage_config(1, None, ["orchestrator.async_level=1"]))
-    t = p["time"]
+    sync = p["time"]["weights_sync_s"]
     four = layout(p, "split 4+4")
-    assert four["step_s"] == pytest.approx(max(t["sample_s"], t["train_s"]) + t["weights_sync_s"], abs=0.2)
-    assert four["busy"]["inference"] == pytest.approx(1.0 - t["weights_sync_s"] / four["step_s"], abs=0.01)
+    assert four["step_s"] == pytest.approx(max(four["sample_s"], four["train_s"]) + sync, abs=0.2)
+    assert four["busy"]["inference"] == pytest.approx(1.0 - sync / four["step_s"], abs=0.01)
     assert layout(p, "split 6+2")["step_s"] < four["step_s"]  # sampling is the longer phase
 
 
@@ -157,7 +157,7 @@ def test_the_shared_layout_memory_of_the_1_5b_shape_fits_80_gib(stage_1_plan):
     m = shared["memory_gib"]
     assert m["sequences_per_server"] == 128
     assert m["kv_cache"] == pytest.approx(128 * 9216 * 28672 / GIB, abs=0.01)  # 28 KiB per token
-    assert m["trainer"] < stage_1_plan["trainer_peak_gib"]  # the optimizer is split 8 ways, not 4
+    assert m["trainer"] < layout(stage_1_plan, "split 4+4")["trainer_gib"]  # the optimizer is split 8 ways, not 4
     parts = m["trainer"] + m["server_weights"] + m["kv_cache"] + m["overhead"] + m["margin"]
     assert m["total"] == pytest.approx(parts, abs=0.02) and m["total"] <= 80 and shared["fits"]
     util = shared["gpu_memory_utilization"]
@@ -184,7 +184,7 @@ def test_the_shared_layout_fits_exactly_up_to_the_gpu_memory(stage_1_plan):
 
 def test_the_table_lists_the_layouts_and_the_choice(stage_1_plan):
     text = plan.table(stage_1_plan)
-    assert "split 4+4 (configured)" in text and "gpu_memory_utilization" in text
+    assert "shared (configured)" in text and "split 4+4 " in text and "gpu_memory_utilization" in text
     assert stage_1_plan["choice"] in text
 
 

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def config(*overrides: str):
-    return load_config([REPO / "yaml/stage2.yaml"], list(overrides))
+    """Stage 2 as the split layout: the split job shapes (the shared one: test_shared_layout.py)."""
+    return load_config([REPO / "yaml/stage2.yaml"], ["slurm.layout=split", *overrides])
 
 
 def sbatch_lines(script: str) -> list[list[str]]:
@@ -37,7 +38,7 @@ def test_every_resource_becomes_the_right_sbatch_line() -> None:
                  "inference.tensor_parallel=2", "slurm.extra_sbatch=[--exclusive]", "run.name=exp1")
     script = stage_script(cfg, Path("/shared/runs/logs"), "python -u -m submitit.core._submit /x", "afterok:41")
     inference, trainer = sbatch_lines(script)
-    for line in ("--job-name=deepscaler-exp1-s2", "--dependency=afterok:41", "--requeue", "--exclusive",
+    for line in ("--job-name=s2-exp1-deepscaler", "--dependency=afterok:41", "--requeue", "--exclusive",
                  "--signal=B:USR2@300", "--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=4", "--cpus-per-task=16",
                  "--mem=200G", "--partition=gpu", "--account=proj", "--qos=high", "--constraint=a100",
                  "--time=1-12:00:00"):
@@ -69,8 +70,11 @@ def test_job_steps_place_servers_trainer_and_orchestrator() -> None:
                                      "--ntasks=8", "--cpus-per-task=16", "--gpus-per-node=8", "--gpus-per-task=2",
                                      sys.executable]
     assert steps["servers"][-2:] == ["--name", "server{rank}"]
-    assert {"--het-group=1", "--ntasks=16", "--ntasks-per-node=8", "--cpus-per-task=8", "--gpus-per-node=8",
-            "--gpu-bind=none"} <= set(steps["trainer"])
+    assert {"--het-group=1", "--ntasks=16", "--ntasks-per-node=8", "--cpus-per-task=8",
+            "--gpus-per-node=8"} <= set(steps["trainer"])
+    # Every rank sees the node's trainer GPUs: not --gpu-bind=none, with which Slurm 22.05 sets
+    # no CUDA_VISIBLE_DEVICES for a step of several tasks (a rank would take GPU r of the node).
+    assert not any(a.startswith(("--gpu-bind", "--gpus-per-task")) for a in steps["trainer"])
     assert steps["trainer"][-2:] == ["--resume-step", "latest"]
     assert {"--overlap", "--mem=0", "--het-group=1", "--ntasks=1", "--cpus-per-task=8"} <= set(steps["orchestrator"])
 
@@ -155,7 +159,8 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("extra", [[], ["--no-hetjob"]])
 def test_dry_run_shows_the_srun_line_of_every_job_step(tmp_path: Path, extra: list[str]) -> None:
-    out = run_submit("--stage", "1", "--executor", "slurm", "--dry-run", "--output-dir", str(tmp_path), *extra)
+    out = run_submit("--stage", "1", "--executor", "slurm", "--dry-run", "--output-dir", str(tmp_path), *extra,
+                     "slurm.layout=split")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     steps = {lines[i - 1].removeprefix("# "): line for i, line in enumerate(lines) if line.startswith("srun ")}
@@ -163,7 +168,7 @@ def test_dry_run_shows_the_srun_line_of_every_job_step(tmp_path: Path, extra: li
     for name, module in (("servers", "deepscaler.inference"), ("trainer", "deepscaler.trainer"),
                          ("orchestrator", "deepscaler.orchestrator")):
         assert "--cpus-per-task=8" in steps[name].split() and f"-m {module} --config" in steps[name]
-    assert "--gpus-per-task=1" in steps["servers"] and "--gpus-per-node=4 --gpu-bind=none" in steps["trainer"]
+    assert "--gpus-per-task=1" in steps["servers"] and "--gpus-per-node=4" in steps["trainer"]
 
 
 def test_missing_sbatch_without_local_executor_is_a_one_line_error(tmp_path: Path) -> None:
@@ -188,7 +193,7 @@ def test_stage_1_is_colocated_on_one_node_and_multi_node_stages_are_hetjobs() ->
     hetjob would hold two 8-GPU nodes; colocated it is one node whose job steps split its GPUs."""
     from deepscaler.slurm.stage_job import layout
 
-    stage1 = load_config([REPO / "yaml/stage1.yaml"])
+    stage1 = load_config([REPO / "yaml/stage1.yaml"], ["slurm.layout=split"])
     assert layout(stage1) == "colocated"
     script = stage_script(stage1, Path("/r/logs"), "cmd")
     assert "#SBATCH hetjob" not in script and script.count("#SBATCH --nodes=1") == 1
@@ -197,7 +202,7 @@ def test_stage_1_is_colocated_on_one_node_and_multi_node_stages_are_hetjobs() ->
     assert "--exact" in steps["servers"] and "--exact" in steps["trainer"]  # both steps run at once
     assert not any(a.startswith("--het-group") for argv in steps.values() for a in argv)
     assert layout(config()) == "hetjob" and layout(config("slurm.hetjob=false")) == "two_jobs"
-    assert layout(load_config([REPO / "yaml/stage1.yaml"], ["slurm.colocate=false"])) == "hetjob"
+    assert layout(load_config([REPO / "yaml/stage1.yaml"], ["slurm.layout=split", "slurm.colocate=false"])) == "hetjob"
 
 
 def test_colocating_what_does_not_fit_on_one_node_is_refused() -> None:

@@ -107,7 +107,7 @@ def test_status_and_the_stage_summary_show_a_dash_for_a_null(tmp_path: Path) -> 
     out = subprocess.run([sys.executable, "-m", "deepscaler.status", "--output-dir", str(tmp_path)],
                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
-    row = next(line for line in out.stdout.splitlines() if "odd" in line)
+    row = next(line for line in out.stdout.splitlines() if line.split()[:1] == ["1"])  # stage 1 of run odd
     assert "4/10" in row and "0.100" in row and row.count("-") >= 3, out.stdout
 
 
@@ -133,3 +133,59 @@ def test_the_wandb_forwarder_takes_only_numbers_at_a_numbered_step(tmp_path: Pat
     assert all(type(step) is int for _, step, _ in kept)
     step3 = next(values for source, step, values in kept if source == "orchestrator" and step == 3)
     assert step3 == {"orchestrator/response_length_max": 2.5, "orchestrator/step": 3}
+
+
+def rendered(stores: list[RunStore], width: int = 80) -> str:
+    import io
+
+    from rich.console import Console
+
+    from deepscaler.status import render
+
+    out = io.StringIO()
+    Console(file=out, width=width, force_terminal=False).print(render(stores))
+    return out.getvalue()
+
+
+def test_the_table_fits_80_columns_with_every_header_and_cell_whole(tmp_path: Path, monkeypatch) -> None:
+    """At 80 columns (or piped) no header or cell is cut to '…': long runs, a pending hetjob
+    with a long reason (folded onto a second line) and wide figures all fit."""
+    import deepscaler.status as status
+
+    long_run = "a-very-long-run-name-" + "x" * 40
+    stores = [make_stage(tmp_path, long_run, 1, steps=4), make_stage(tmp_path, "exp", 3, steps=2)]
+    for st in stores:
+        st.run_yaml.write_text(st.run_yaml.read_text().replace("max_steps: 10", "max_steps: 100000"))
+    reason = "ReqNodeNotAvail, UnavailableNodes:node[1-4],node[10-12] and a few more words"
+    jobs = {"12345678": {"State": "CANCELLED by 10001", "Elapsed": "1-02:03:04", "NodeList": "node[1-3],node7"},
+            "12345679": {"State": "PENDING", "Elapsed": "00:00:00", "NodeList": "None assigned,None assigned",
+                         "Reason": reason}}
+    monkeypatch.setattr(status, "slurm_jobs", lambda ids: jobs)
+    text = rendered(find_stages(tmp_path, None))
+    lines = text.splitlines()
+    assert "…" not in text and max(map(len, lines)) <= 80, text
+    for header in (*status.PROGRESS_COLUMNS, *status.JOB_COLUMNS):
+        assert any(header in line for line in lines), (header, text)
+    assert "None assigned" not in text and "node[1-3],node7" in text and "CANCELLED by 10001" in text
+    assert "(ReqNodeNotAvail," in text and "more words)" in text  # the reason, whole, on two lines
+    assert "4/100000" in text and "4.00e-03" in text and "1666h" in text and long_run in text.replace("\n", "")
+
+
+def test_nodes_show_where_a_job_runs_or_why_it_waits() -> None:
+    from deepscaler.status import nodes_or_reason
+
+    assert nodes_or_reason({"NodeList": "None assigned,None assigned", "Reason": "Priority"}) == "(Priority)"
+    assert nodes_or_reason({"NodeList": "None assigned"}) == "-"
+    assert nodes_or_reason({"NodeList": "node[1,3],node4"}) == "node[1,3],node4"  # a hetjob's two components
+    assert nodes_or_reason({"NodeList": "node1,None assigned", "Reason": "Resources"}) == "node1"
+
+
+def test_status_is_whole_at_80_columns_and_when_piped(tmp_path: Path) -> None:
+    make_stage(tmp_path, "exp", 1, steps=4)
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    for extra in ({"COLUMNS": "80"}, {}):  # a narrow terminal; a pipe (rich's default width)
+        out = subprocess.run([sys.executable, "-m", "deepscaler.status", "--output-dir", str(tmp_path)],
+                             capture_output=True, text=True, cwd=REPO, env={**env, **extra})
+        assert out.returncode == 0, out.stderr
+        assert "…" not in out.stdout and max(map(len, out.stdout.splitlines())) <= 80, out.stdout
+        assert "mismatch KL" in out.stdout and "reward" in out.stdout and "4/10" in out.stdout
