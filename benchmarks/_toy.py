@@ -20,12 +20,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from deepscaler.data import format_prompt
+from deepscaler.reward import compute_score
 
-from deepscaler.data import format_prompt  # noqa: E402
-from deepscaler.reward import compute_score  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 # --------------------------------------------------------------------------- the task
 

@@ -1,6 +1,6 @@
 """Does ``orchestrator.async_level=1`` overlap generation with training?
 
-    .venv/bin/python benchmarks/async_overlap.py [--dir DIR] [--steps 14] [--skip 3] [--rounds 1] [--keep]
+    .venv/bin/python -m benchmarks.async_overlap [--dir DIR] [--steps 14] [--skip 3] [--rounds 1] [--keep]
 
 What it measures: two runs of the real tiny stage (``python -m deepscaler.submit --stage 1
 --preset tiny-random --executor local``: hf inference server, DeepSpeed trainer, orchestrator as
@@ -73,8 +73,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _toy  # noqa: E402
+from benchmarks import _toy
+from benchmarks.harness import record
 
 
 def mean(xs: list[float]) -> float:
@@ -232,6 +232,7 @@ def main() -> int:
                      "threads": args.threads},
         "load_before": load_before, "load_after": load_after,
     }
+    record("async_overlap", vars(args), out)
     print(json.dumps(out))
     return 0
 

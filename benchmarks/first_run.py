@@ -1,6 +1,6 @@
 """The README's main command as a newcomer runs it: how long it takes and whether it learns.
 
-    .venv/bin/python benchmarks/first_run.py [--dir DIR] [key=value ...]
+    .venv/bin/python -m benchmarks.first_run [--dir DIR] [key=value ...]
 
 Runs ``python -m deepscaler.submit --stage 1 --preset tiny --executor local`` in an empty
 folder (a fresh ``outputs/``, so the warm start is included: nothing is cached yet), and prints
@@ -23,11 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _toy import REPO, load_average  # noqa: E402
-
-from deepscaler.progress import step_rows  # noqa: E402
-from deepscaler.store import RunStore  # noqa: E402
+from benchmarks._toy import REPO, load_average
+from benchmarks.harness import record
+from deepscaler.progress import step_rows
+from deepscaler.store import RunStore
 
 
 def main() -> int:
@@ -54,6 +53,7 @@ def main() -> int:
               "rewards": [round(r, 4) for r in rewards], "load_before": load_before, "load_after": load_average(),
               "passed": bool(last - first >= 0.2 and wall <= 180)}
     print(f"wall {wall:.0f} s; reward {first:.3f} (first 3) -> {last:.3f} (last 3), gain {last - first:+.3f}")
+    record("first_run", vars(args), result)
     print(json.dumps(result))
     return 0
 

@@ -1,6 +1,6 @@
 """How much faster is ``BatchScorer`` than a plain ``compute_score`` loop?
 
-    python benchmarks/reward_throughput.py [--n 2000] [--data-dir DIR] [--workers W]
+    python -m benchmarks.reward_throughput [--n 2000] [--data-dir DIR] [--workers W]
                                            [--adversarial 3] [--seed 0]
 
 Builds ``n`` distinct, seeded (response, ground truth) pairs from the bundled problems
@@ -36,10 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.harness import record
+from deepscaler.reward import BatchScorer, compute_score, extract_answer, gold_answers
 
-from deepscaler.reward import BatchScorer, compute_score, extract_answer, gold_answers  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 ADVERSARIAL = ["9^{9^{9^9}}", "2^{10^{10}}", "10^{10^{10}}!", "(10^{100})!", "\\frac{7^{7^{7^7}}}{3}"]
 FILLER = [
@@ -228,6 +228,7 @@ def main() -> None:
           f"crashes {stats.crashes}; batch/loop disagreements {disagree}")
     print(f"CPU seconds: loop {loop_cpu_s:.2f}, batch {batch_cpu_s:.2f} (workers + this process); "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    record("reward_throughput", vars(args), result)
     print(json.dumps(result))
 
 

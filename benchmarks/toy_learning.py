@@ -1,6 +1,6 @@
 """Does the whole GRPO loop learn? A toy task with verifiable answers, end to end on CPU.
 
-    .venv/bin/python benchmarks/toy_learning.py [--dir DIR] [--steps 60] [--lr 3e-4] [--keep]
+    .venv/bin/python -m benchmarks.toy_learning [--dir DIR] [--steps 60] [--lr 3e-4] [--keep]
 
 What it measures: the reward curve of a real stage (``python -m deepscaler.submit --stage 1
 --preset tiny-random --executor local``: hf inference server, DeepSpeed trainer, orchestrator, as
@@ -68,11 +68,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _toy  # noqa: E402
-
-from deepscaler.config import TinyModelConfig  # noqa: E402
-from deepscaler.warm_start import sft_batch, sft_loss  # noqa: E402
+from benchmarks import _toy
+from benchmarks.harness import record
+from deepscaler.config import TinyModelConfig
+from deepscaler.warm_start import sft_batch, sft_loss
 
 SHAPE = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256,
                         vocab_size=4096, max_position_embeddings=512)
@@ -207,6 +206,7 @@ def main() -> int:
         "load_before": load_before, "load_after": load_after,
         "passed": bool(last - first >= 0.2),
     }
+    record("toy_learning", vars(args), result)
     print(json.dumps(result))
     return 0
 

@@ -1,6 +1,6 @@
 """How close is publishing + reloading ``weights/step_N`` to the disk's raw speed?
 
-    python benchmarks/weights_publish.py [--dir DIR] [--small] [--repeat N] [--keep]
+    python -m benchmarks.weights_publish [--dir DIR] [--small] [--repeat N] [--keep]
 
 Builds a Qwen2ForCausalLM with DeepSeek-R1-Distill-Qwen-1.5B's shape (random weights, built
 directly in bf16: 1.78 B parameters, 3.55 GB), publishes it with
@@ -44,7 +44,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import record
 from deepscaler.hf_loading import KNOWN_CONFIGS
+from deepscaler.plan import build_model
 
 REAL_SHAPE = {k: v for k, v in KNOWN_CONFIGS["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"].items()
               if k not in ("model_type", "architectures", "tie_word_embeddings", "bos_token_id", "eos_token_id")}
@@ -54,28 +56,13 @@ SMALL_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, 
 CHUNK = 64 * 2**20
 
 
-def build_model(shape: dict, dtype=torch.bfloat16):
-    """A random Qwen2 allocated directly in ``dtype`` (no float32 copy, no slow default init)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from deepscaler.trainer.publisher import _no_init_weights
+def random_model(shape: dict):
+    """A random Qwen2 built directly in bf16 by the planner's builder, seeded."""
+    from transformers import Qwen2Config
 
     config = Qwen2Config(**shape, tie_word_embeddings=False, bos_token_id=3, eos_token_id=0, pad_token_id=0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with _no_init_weights():
-            model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
+    torch.manual_seed(0)
+    return build_model(config, torch.bfloat16, "cpu", "sdpa").eval()
 
 
 def raw_baseline(directory: Path, nbytes: int) -> tuple[float, float]:
@@ -147,7 +134,7 @@ def main(argv=None) -> dict:
     try:
         t0 = time.perf_counter()
         tokenizer = build_tokenizer()
-        model = build_model(shape)
+        model = random_model(shape)
         params = sum(p.numel() for p in model.parameters())
         print(f"built {params / 1e9:.3f} B params in bf16 in {time.perf_counter() - t0:.1f}s", flush=True)
         largest = max(p.numel() * p.element_size() for p in model.parameters())
@@ -261,6 +248,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
             if not args.dir:
                 shutil.rmtree(root, ignore_errors=True)
+    record("weights_publish", vars(args), result)
     print(json.dumps(result))
     return result
 

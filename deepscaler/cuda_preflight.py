@@ -5,7 +5,7 @@ On an older driver torch does not say so plainly: ``torch.cuda.is_available()`` 
 with a warning (a trainer would quietly go to the CPU), or the first CUDA call fails deep
 inside torch. libcuda's ``cuDriverGetVersion`` answers without initialising CUDA or needing a
 usable GPU, so every GPU process (the trainer's engine set-up, the inference server,
-``benchmarks/gpu_check.py``) asks it first:
+``deepscaler/gpu_check.py``) asks it first:
 
 - a driver of an older CUDA major version than torch's build: refused, one line naming both
   versions and the fix (torch's build for the driver's CUDA, or a newer driver);

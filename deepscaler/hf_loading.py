@@ -2,33 +2,33 @@
 id (its prefetched snapshot), a local folder, or the tiny preset.
 
 Every process (trainer, inference server, eval) resolves ``model.name`` through here, so
-they all load the same weights and tokenizer.
+they all load the same weights and tokenizer. Loading only loads: what it reads is prepared
+before the processes start (``deepscaler.prefetch``: a Hub snapshot fetched, the tiny model
+built by ``prepare_model``).
 """
 
 from __future__ import annotations
 
 from deepscaler.config import Config
-from deepscaler.store import cache_dir
 
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 def model_source(cfg: Config) -> str:
     """A path that ``from_pretrained`` (and vLLM) can load for ``cfg.model``. A Hub id becomes
-    its snapshot folder in ``cache_dir(cfg)`` (prefetched: ``deepscaler/prefetch.py``), so every
-    process reads the same files; a missing file is a one-line CacheError naming it."""
+    its snapshot folder in the cache (``data.cache_dir``, prefetched), the tiny preset its built folder
+    there, so every process reads the same files; a missing one is a one-line CacheError naming
+    it and the command that makes it."""
+    from deepscaler.prefetch import hub_model, model_snapshot, tiny_model
+
     if cfg.model.name == "tiny":
-        from deepscaler.tiny import ensure_tiny_model
-
-        return str(ensure_tiny_model(cache_dir(cfg), cfg.model.tiny, seed=cfg.run.seed))
-    from deepscaler.prefetch import hub_model, model_snapshot
-
+        return str(tiny_model(cfg))
     repo = hub_model(cfg)
     return cfg.model.name if repo is None else str(model_snapshot(cfg, repo))
 
 
 # config.json of the recipe's model on the Hub (the fields that set its shape and numerics),
-# so the planner and benchmarks/gpu_check.py know it without the Hub or the weights.
+# so the planner and deepscaler/gpu_check.py know it without the Hub or the weights.
 KNOWN_CONFIGS = {
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": {
         "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 1536, "num_hidden_layers": 28,

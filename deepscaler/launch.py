@@ -159,7 +159,7 @@ def run_stage(cfg: Config, resume: str | None = None, *,
     steps inside a Slurm job (``deepscaler.slurm.stage_job.job_commands``). ``event`` is recorded in
     metrics.jsonl as this attempt's start (job id, restart count).
     """
-    from deepscaler.prefetch import require_cache
+    from deepscaler.prefetch import prepare_model, require_cache
 
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     attempt = uuid.uuid4().hex[:12]  # the children carry it: waits and the lock know them by it
@@ -167,10 +167,7 @@ def run_stage(cfg: Config, resume: str | None = None, *,
     with RunLock(store, attempt, heartbeat_s=cfg.run.lock_heartbeat_s, stale_s=cfg.run.lock_stale_s):
         resolve_resume(store, resume)  # a bad --resume-step fails here, before anything starts
         require_cache(cfg)  # so does a Hub cache that lost a file since submit (CacheError)
-        if cfg.model.name == "tiny":  # built (and warm-started) once here, not by every process at once
-            from deepscaler.hf_loading import model_source
-
-            model_source(cfg)
+        prepare_model(cfg)  # the tiny model is built (and warm-started) here, once; the processes only load it
         point = restart_point(store, resume)
         return _supervise(cfg, store, point, commands, {**(extra_env or {}), ATTEMPT_ENV: attempt}, event, display)
 

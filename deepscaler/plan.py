@@ -59,7 +59,7 @@ class Assumptions:
     """What the time estimate takes as given; each is a command-line flag."""
 
     gpu_tflops: float = 989.0  # dense bf16 peak of one GPU (H100/H200 SXM)
-    mfu: float = 0.35  # the trainer's share of that peak (benchmarks/gpu_check.py measures it)
+    mfu: float = 0.35  # the trainer's share of that peak (deepscaler/gpu_check.py measures it)
     decode_tok_s: float = 6000.0  # tokens/s one GPU generates with vLLM at this model and batch
     fs_gb_s: float = 1.0  # shared filesystem bandwidth for one weights step, write then read
     response_frac: float = 0.6  # mean response length as a fraction of sampling.max_response_tokens

@@ -1,5 +1,5 @@
 """``python -m deepscaler.prefetch``: fill the shared Hub cache on the login node, so that jobs
-run with ``HF_HUB_OFFLINE=1``.
+run with ``HF_HUB_OFFLINE=1``; and prepare the tiny preset's model there.
 
     python -m deepscaler.prefetch --stage 1 [--preset P] [--output-dir D] [--refresh] [key=value ...]
 
@@ -22,13 +22,17 @@ missing file is a one-line error naming it and the prefetch command that fixes i
 
 A complete snapshot is not downloaded again, so a second prefetch needs no network; pass
 ``--refresh`` to resolve a branch revision (``main``) anew. Pin ``model.revision`` to a commit
-for a reproducible run. The tiny preset needs nothing: its model is built locally and its data
-is bundled.
+for a reproducible run. The tiny preset needs no Hub: its data is bundled, and its model is built
+(and warm-started) into the cache by :func:`prepare_model`, the one step that builds it: the
+launcher runs it before a stage's processes start, eval before a base model's servers, and this
+command for processes started by hand. Loading only loads: a tiny model not built yet is a one-line CacheError naming
+this command (:func:`tiny_model`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import shlex
 import sys
@@ -170,12 +174,18 @@ def prefetch_command(cfg: Config) -> str:
         base = None
     if base is None or cfg.run.output_dir != base.run.output_dir:
         args += ["--output-dir", cfg.run.output_dir]
-    for section, key in (("run", "name"), ("model", "name"), ("model", "revision"), ("data", "train"),
-                         ("data", "cache_dir")):
-        value = getattr(getattr(cfg, section), key)
-        if base is None or value != getattr(getattr(base, section), key):
-            args.append(f"{section}.{key}={'null' if value is None else value}")
+    keys = ["run.name", "model.name", "model.revision", "data.train", "data.cache_dir"]
+    if cfg.model.name == "tiny":  # what the tiny model's folder name hashes (tiny_model_dir)
+        keys += ["run.seed"] + [f"model.tiny.{f}" for f in vars(cfg.model.tiny)]
+    for key in keys:
+        value = _value(cfg, key)
+        if base is None or value != _value(base, key):
+            args.append(f"{key}={'null' if value is None else value}")
     return shlex.join(args)
+
+
+def _value(cfg: Config, key: str):
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def cache_error(cfg: Config, state: CacheState) -> CacheError:
@@ -215,6 +225,31 @@ def model_snapshot(cfg: Config, repo: HubRepo) -> Path:
     return download(cache, repo)
 
 
+# --------------------------------------------------------------------------- the tiny model
+
+
+def prepare_model(cfg: Config, echo=print) -> Path | None:
+    """Build the tiny preset's model into the cache, once (warm-started when the preset says so):
+    the explicit step before any process loads it. Concurrent callers are safe (built aside,
+    renamed). None for any other model: a Hub model is fetched by :func:`prefetch`."""
+    if cfg.model.name != "tiny":
+        return None
+    from deepscaler.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(cache_dir(cfg), cfg.model.tiny, seed=cfg.run.seed, log=echo)
+
+
+def tiny_model(cfg: Config) -> Path:
+    """The tiny preset's model folder as :func:`prepare_model` built it; a one-line CacheError
+    naming the command that builds it when it is not there."""
+    from deepscaler.tiny import is_built, tiny_model_dir
+
+    folder = tiny_model_dir(cache_dir(cfg), cfg.model.tiny, cfg.run.seed)
+    if not is_built(folder):
+        raise CacheError(f"the tiny model is not built ({folder}); build it with: {prefetch_command(cfg)}")
+    return folder
+
+
 # --------------------------------------------------------------------------- downloading
 
 
@@ -252,6 +287,9 @@ def prefetch(cfg: Config, refresh: bool = False, echo=print) -> Path:
     record: dict = {"cache_dir": str(cache.resolve()), "created_unix": time.time(),
                     "huggingface_hub": huggingface_hub.__version__, "model": None, "data": None}
     repos = hub_repos(cfg)
+    tiny = prepare_model(cfg, echo)
+    if tiny is not None:
+        echo(f"tiny model: ready in {tiny}")
     if not repos:
         echo(f"nothing to fetch: model.name={cfg.model.name} and data.train={cfg.data.train} need no Hub")
     for repo in repos:

@@ -187,19 +187,29 @@ def _save_model(model, directory: Path) -> None:
     save_tensors(directory / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
 
 
-def ensure_tiny_model(cache_dir: str | Path, shape, seed: int = 0, log=print) -> Path:
-    """The tiny model + tokenizer as an HF folder under ``cache_dir``, built once (and
-    warm-started when ``shape.warm_start_updates`` says so; ``log`` gets its progress).
-
-    The folder name hashes the shape and seed, so a changed preset never reuses a stale
-    model. It is built in a temporary sibling and renamed, so concurrent callers (several
-    ranks or servers starting together) never see half a folder.
-    """
+def tiny_model_dir(cache_dir: str | Path, shape, seed: int = 0) -> Path:
+    """Where the tiny model of ``shape`` and ``seed`` lives under ``cache_dir`` (built or not).
+    The name hashes both, so a changed preset never reuses a stale model."""
     from dataclasses import asdict
 
     key = hashlib.sha256(json.dumps({"shape": asdict(shape), "seed": seed}, sort_keys=True).encode()).hexdigest()
-    final = Path(cache_dir) / f"tiny-{key[:12]}"
-    if (final / "config.json").is_file():
+    return Path(cache_dir) / f"tiny-{key[:12]}"
+
+
+def is_built(folder: Path) -> bool:
+    """Whether ``folder`` holds a built model: it appears complete, by a rename (:func:`ensure_tiny_model`)."""
+    return (folder / "config.json").is_file()
+
+
+def ensure_tiny_model(cache_dir: str | Path, shape, seed: int = 0, log=print) -> Path:
+    """The tiny model + tokenizer as an HF folder (:func:`tiny_model_dir`), built once (and
+    warm-started when ``shape.warm_start_updates`` says so; ``log`` gets its progress).
+
+    It is built in a temporary sibling and renamed, so concurrent callers (several eval tasks
+    or launchers starting together) never see half a folder.
+    """
+    final = tiny_model_dir(cache_dir, shape, seed)
+    if is_built(final):
         return final
     tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -216,7 +226,7 @@ def ensure_tiny_model(cache_dir: str | Path, shape, seed: int = 0, log=print) ->
         try:
             os.rename(tmp, final)
         except OSError:  # another process won the race: theirs is as good as ours
-            if not (final / "config.json").is_file():
+            if not is_built(final):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

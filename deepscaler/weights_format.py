@@ -149,7 +149,7 @@ def probe_logprobs(model: torch.nn.Module, token_ids: Sequence[int]) -> list[flo
 #   bf16 trainer on GPU, 7.5% of sampled tokens differ by more than 0.1 (huggingface/trl#6789).
 #   So atol 0.5 and rtol 2^-4 per token, and mean_tol 0.1: about 5x the measured mean noise of
 #   a realistic probe, while a layer left out of a reload moves the mean by 0.16-0.27 even in
-#   the 2-layer tiny model (tests/unit/test_weights.py). benchmarks/gpu_check.py prints the
+#   the 2-layer tiny model (tests/unit/test_weights.py). deepscaler/gpu_check.py prints the
 #   GPU figure against these; a first GPU run should confirm them.
 # - float16 (11-bit significand): the same reasoning with 8x finer ulps.
 # What the probe cannot do is tell two consecutive steps apart at lr 1e-6: one update moves

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from deepscaler.config import BenchmarkConfig, Config, find_config, load_config, to_yaml
 from deepscaler.data import BENCHMARKS, DataError, Problem, build_prompts, load_benchmark
 from deepscaler.eval.metrics import default_pass_k, format_line, summarize
+from deepscaler.prefetch import prepare_model, require_cache
 from deepscaler.process import apply_process_settings
 from deepscaler.store import BASE_EVAL, EVAL_PENDING, RunStore, StoreError, atomic_write_text, read_json
 
@@ -124,9 +125,7 @@ def eval_config(model: str, output_dir: str | os.PathLike | None, run: str | Non
     if model_name:
         cfg = replace(cfg, model=replace(cfg.model, name=model_name))
     if not has_run:  # so that report (and a later run) find this model's evals like a run's
-        from deepscaler.hf_loading import model_source
-
-        model_source(cfg)  # a Hub model not in the cache (CacheError) fails before the run folder exists
+        require_cache(cfg, data=False)  # a Hub model not in the cache fails before the run folder exists
         atomic_write_text(store.run_yaml, to_yaml(cfg))
     if not is_step:
         return cfg, store, BASE_EVAL
@@ -245,6 +244,7 @@ def evaluate(cfg: Config, store: RunStore, what: int | str, benchmarks: list[str
     store.logs_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         if what == BASE_EVAL:
+            prepare_model(cfg)  # eval may be the first to use a tiny base model: built here, before the servers
             source = model_source(cfg)
             tokenizer = load_tokenizer(source, cfg.model.revision)
         else:

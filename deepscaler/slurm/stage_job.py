@@ -31,7 +31,9 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import submitit
 
@@ -245,18 +247,21 @@ class StageJob(submitit.helpers.Checkpointable):
                "MASTER_PORT": str(20000 + int(job_id) % 20000),
                TOKEN_ENV: read_token(RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage).root)}
         print(f"attempt {restarts + 1} of job {job_id}: resume {resume or 'no (fresh start)'}", flush=True)
-        sigterm = Sigterm()
+        states: list[str | None] = []
+
+        def announce() -> None:  # at once: Slurm kills the job KillWait seconds after its SIGTERM
+            states.append(job_state(job_id))
+            print(stopped_line(cfg, job_id, states[0]), file=sys.stderr, flush=True)
+
+        sigterm = Sigterm(announce)
         try:
             with sigterm.raising():
                 store = run_stage(cfg, resume, commands=job_commands, extra_env=env,
                                   event={"slurm_job_id": job_id, "restart_count": restarts})
         except (Cancelled, LaunchError) as e:  # its line last, for submit --wait (:func:`stage_error`); no traceback
-            # A process killed by the job's own SIGTERM (exit 143) is the stop, not the cause.
-            state = job_state(job_id) if sigterm.received else None
-            if state not in REQUEUE_STATES:  # the stage is over: its servers' job ends with it
+            if not (states and states[0] in REQUEUE_STATES):  # the stage is over: its servers' job ends with it
                 self.stop_servers_job()
-            if sigterm.received:
-                print(stopped_line(cfg, job_id, state), file=sys.stderr, flush=True)
+            if sigterm.received:  # a process killed by the job's own SIGTERM (exit 143) is the stop, not the cause
                 raise SystemExit(143) from None
             line, _, tail = str(e).partition("\n")
             print(f"{tail}\nerror: {line}".lstrip("\n"), file=sys.stderr, flush=True)
@@ -285,12 +290,14 @@ class Sigterm:
     or Slurm itself (a requeue, a node failure, the end of the time limit). It stops the stage
     as Ctrl-C stops a local one: :class:`Cancelled` in the main thread, once, while
     :meth:`raising`, so that ``run_stage`` stops every process on its way out; ``received``
-    tells a process that the stop killed (exit 143) from a failure. submitit only logs a
-    SIGTERM; its requeue signal (USR2, ``options.script``'s ``--signal``) still checkpoints and
-    requeues, and the SIGTERM of that requeue is ignored as before."""
+    tells a process that the stop killed (exit 143) from a failure. ``announce`` runs at the
+    first one, before anything is stopped: what is said must be said before Slurm's SIGKILL.
+    submitit only logs a SIGTERM; its requeue signal (USR2, ``options.script``'s ``--signal``)
+    still checkpoints and requeues, and the SIGTERM of that requeue is ignored as before."""
 
-    def __init__(self):
+    def __init__(self, announce: Callable[[], None] = lambda: None):
         self.received = self.armed = self.requeueing = False
+        self.announce = announce
         submitit_requeue = signal.getsignal(signal.SIGUSR2)
 
         def on_requeue(signum, frame):
@@ -304,7 +311,9 @@ class Sigterm:
     def on_sigterm(self, signum, frame) -> None:
         if self.requeueing:
             return
-        self.received = True
+        if not self.received:
+            self.received = True
+            self.announce()
         if self.armed:
             self.armed = False
             raise Cancelled("SIGTERM")
@@ -455,7 +464,7 @@ def wait_for(jobs: list, configs: list[Config], poll_s: float = 5.0) -> int:
 
             state = wait_for_jobs([job], show, poll_s)[job.job_id]
         if state != "COMPLETED":
-            why = stage_error(job.paths.stderr)
+            why = stage_error(job.paths.stderr, wait_s=LAST_WORDS_S)
             print(f"{why}\n" if why else "", end="", file=sys.stderr)
             print(f"error: job {job.job_id} ({job_name(cfg)}) ended {state}; its log: {job.paths.stderr}",
                   file=sys.stderr)
@@ -463,13 +472,21 @@ def wait_for(jobs: list, configs: list[Config], poll_s: float = 5.0) -> int:
     return 0
 
 
-def stage_error(log: Path) -> str | None:
+LAST_WORDS_S = 15.0  # sacct says CANCELLED at once; the job's supervisor says why moments later
+
+
+def stage_error(log: Path, wait_s: float = 0.0) -> str | None:
     """The last ``error: `` or ``stopped: `` line of a stage job's log: why the stage failed (a
     dead server named, ...) or how it was stopped and resumes (:func:`stopped_line`), as the
-    supervisor said it."""
-    try:
-        lines = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    return next((x for x in reversed(lines) if x.startswith(("error: ", "stopped: "))), None)
+    supervisor said it; waiting up to ``wait_s`` for one to appear."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lines = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            lines = []
+        said = next((x for x in reversed(lines) if x.startswith(("error: ", "stopped: "))), None)
+        if said is not None or time.monotonic() >= deadline:
+            return said
+        time.sleep(0.5)
 

@@ -19,7 +19,7 @@ stay inside each one. The choices (``trainer.attn_implementation``):
   on packed rows; checked), untested on GPU, so ``auto`` never picks it and the CPU refuses it.
 
 ``auto``: on CUDA, ``flash_attention_2`` when flash-attn imports, else ``varlen``; on CPU,
-``varlen`` (the fastest measured there; ``benchmarks/trainer_throughput.py --attention``).
+``varlen`` (the fastest measured there; ``python -m deepscaler.gpu_check --device cpu --attention``).
 
 Both flash kernels (flash-attn's, and torch's ``varlen_attn``, which in torch 2.13/2.14 always
 runs FlashAttention-2) need fp16/bf16 and a GPU of compute capability 8.0 or more. In fp32 (the

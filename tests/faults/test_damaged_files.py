@@ -60,8 +60,8 @@ def assert_same_weights(store: RunStore, reference: RunStore, step: int) -> None
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
-# A missing marker is also covered (for weights) by the test above; its full trial runs in
-# benchmarks/slow_trials.py.
+# A missing marker is also covered (for weights) by the test above; its full trial is a
+# trial (pytest -m trial).
 @pytest.mark.parametrize("damage", ["truncated rank file", pytest.param("no STABLE marker", marks=pytest.mark.trial)])
 def test_a_damaged_newest_checkpoint_restarts_both_sides_from_the_one_before(reference_stage: RunStore, tmp_path: Path,
                                                                             damage: str) -> None:

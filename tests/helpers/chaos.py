@@ -2,8 +2,8 @@
 random moment, resume with ``--resume-step latest``, and compare the final weights with an
 uninterrupted run (deterministic CPU mode: they must be bit-identical).
 
-Used by ``tests/faults/test_kill_and_resume.py`` (a few trials) and ``benchmarks/faults.py``
-(20 or more, with a table).
+Used by ``tests/faults/test_kill_and_resume.py``: three victims named in the suite and the
+trials, twenty seeded kills among the trials (``pytest -m trial``).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from deepscaler.config import Config, load_config, to_yaml
-from deepscaler.hf_loading import load_causal_lm, load_tokenizer, model_source
+from deepscaler.hf_loading import load_causal_lm, load_tokenizer
 from deepscaler.inference.client import InferenceClient, wait_for_servers
+from deepscaler.prefetch import prepare_model
 from deepscaler.store import RunStore
 from deepscaler.trainer.publisher import publish_weights
 
@@ -29,7 +30,7 @@ def make_run(root: Path, *overrides: str) -> tuple[Config, RunStore]:
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     store.ensure_dirs()
     store.run_yaml.write_text(to_yaml(cfg))
-    source = model_source(cfg)
+    source = str(prepare_model(cfg))  # what the launcher does before any process starts
     model, tokenizer = load_causal_lm(source, "float32"), load_tokenizer(source)
     publish_weights(store, 0, model, tokenizer)
     g = torch.Generator().manual_seed(1)

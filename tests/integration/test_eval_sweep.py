@@ -108,8 +108,8 @@ def test_emitted_script_runs_with_plain_sbatch(slurm_cluster: SlurmCluster, tiny
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1] == f"sbatch {shlex.quote(str(script.resolve()))}", done.stdout
     assert store.pending_evals() == [1, 2]  # claimed at emit, as a sweep claims at submit
-    queued = subprocess.run(["squeue", "-h", "-n", "e1-tiny-deepscaler", "-o", "%i"], capture_output=True, text=True,
-                            timeout=15, env=slurm_env()).stdout
+    queued = subprocess.run(["squeue", "-h", "-n", "e1-tiny-deepscaler", "-t", "PD,R", "-o", "%i"], capture_output=True,
+                            text=True, timeout=15, env=slurm_env()).stdout
     assert not queued.strip(), queued  # the command itself submits nothing
 
     sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=30, env=env())

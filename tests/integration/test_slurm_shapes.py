@@ -10,6 +10,7 @@ resumes on another node set, from shards written by ranks on other nodes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -104,13 +105,17 @@ def four_nodes(slurm_cluster, tmp_path_factory):
     """Stage 2/3's shape: a hetjob of 2 server nodes and 2 trainer nodes, one task each."""
     if len(slurm_cluster.nodes) < 4:
         pytest.fail(f"the local cluster must have 4 nodes ready, sinfo has {slurm_cluster.nodes}")
-    out = tmp_path_factory.mktemp("four-nodes")
+    yield from completed_job(tmp_path_factory.mktemp("four-nodes"), "4-node job", *TWO_SERVERS_TWO_TRAINER_NODES)
+
+
+def completed_job(out: Path, what: str, *overrides: str):
+    """Submit the stage with ``--wait``; yield (store, job) once it completed; cancel what is left."""
     store = RunStore(out, "tiny", 1)
     t0 = time.monotonic()
     try:
-        done = submit(out, "--executor", "slurm", "--wait", *TWO_SERVERS_TWO_TRAINER_NODES)
+        done = submit(out, "--executor", "slurm", "--wait", *overrides)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        print(f"4-node job: {time.monotonic() - t0:.0f} s")
+        print(f"{what}: {time.monotonic() - t0:.0f} s")
         (job,) = submitted_jobs(store)
         yield store, job
     finally:
@@ -217,17 +222,7 @@ SHARED = ["slurm.layout=shared", "slurm.inference.gpus_per_node=1", "slurm.train
 @pytest.fixture(scope="module")
 def shared_one_node(slurm_cluster, tmp_path_factory):
     """Stage 1's default layout: one node whose 2 GPUs each hold a server and a trainer rank."""
-    out = tmp_path_factory.mktemp("shared-one-node")
-    store = RunStore(out, "tiny", 1)
-    t0 = time.monotonic()
-    try:
-        done = submit(out, "--executor", "slurm", "--wait", *SHARED)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        print(f"shared layout, one node: {time.monotonic() - t0:.0f} s")
-        (job,) = submitted_jobs(store)
-        yield store, job
-    finally:
-        cancel_jobs(store)
+    yield from completed_job(tmp_path_factory.mktemp("shared-one-node"), "shared layout, one node", *SHARED)
 
 
 def server_gpus(store: RunStore) -> dict[str, str]:
@@ -264,16 +259,12 @@ def test_shared_layout_runs_a_server_and_a_trainer_rank_on_each_gpu_of_one_node(
 def test_shared_layout_over_two_nodes_matches_the_split_layout(slurm_cluster, tmp_path, two_ranks_one_node) -> None:
     """Stage 2 and 3's shared shape: nodes of one GPU each (slurm.gpus_per_node_max=1), so the
     pool is 2 nodes, each GPU a server and a rank; ranks meet across nodes over gloo."""
-    store = RunStore(tmp_path, "tiny", 1)
-    try:
-        done = submit(tmp_path, "--executor", "slurm", "--wait", *SHARED, "slurm.gpus_per_node_max=1")
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        (job,) = submitted_jobs(store)
+    with contextlib.closing(completed_job(tmp_path, "shared layout, two nodes", *SHARED,
+                                          "slurm.gpus_per_node_max=1")) as jobs:  # closing: the job is cancelled
+        store, job = next(jobs)
         nodes = hostnames(sacct_rows(job)[0]["nodes"])
         assert len(nodes) == 2, nodes
         ranks = rank_details(store, "shared")
         assert [ranks[r][1] for r in (0, 1)] == nodes and {ranks[r][0] for r in (0, 1)} == {0}, (ranks, nodes)
         assert {ranks[r][2] for r in (0, 1)} == {"0"} and set(server_gpus(store).values()) == {"0"}
         assert differing(store, two_ranks_one_node, STEPS) == []
-    finally:
-        cancel_jobs(store)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from deepscaler.config import yaml_dir
 from deepscaler.inference.contract import read_token, token_path
+from deepscaler.slurm.stage_job import stage_error
 from deepscaler.store import STABLE, RunStore
 from tests.helpers.chaos import REFERENCE_STEPS
 from tests.slurm_cluster import HINT, TEST_ACCOUNT, slurm_env
@@ -327,10 +328,15 @@ def test_scancel_leaves_stable_steps_and_resume_continues(slurm_cluster, tmp_pat
     wait_until(lambda: store.is_stable("checkpoints", 2), 300, "checkpoint step 2")
     subprocess.run(["scancel", job], check=True, env=slurm_env())
     wait_until(lambda: job_ended(job), 120, f"job {job} to end")
+    err = store.logs_dir / "slurm" / f"{job}_0_log.err"
+    # sacct says CANCELLED at once; the supervisor is still stopping its processes then.
+    wait_until(lambda: stage_error(err), 30, "the job's last words")
     only_stable_steps(store)
     assert store.latest_stable("weights") < 6
-    log = (store.logs_dir / "slurm" / f"{job}_0_log.err").read_text()
-    last = log.splitlines()[-1]
+    log = err.read_text()
+    # Ours is the last line but for Slurm's own (slurmstepd's "*** JOB ... CANCELLED ***" may come
+    # after it: the supervisor says it at the SIGTERM, before Slurm's SIGKILL can cut it off).
+    last = [x for x in log.splitlines() if not x.startswith("slurmstepd")][-1]
     assert "Traceback" not in log, log
     assert last.startswith("stopped: stage 1 of run 'tiny' cancelled (scancel) during step "), log
     assert f"(from checkpoint step {store.latest_stable('checkpoints')}): python -m deepscaler.submit " in last, last

@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from deepscaler.config import load_config, to_yaml
+from deepscaler.prefetch import prepare_model
 from deepscaler.store import RunStore
 from tests.helpers.scripted import write_scripted_rollouts
 
@@ -40,6 +41,7 @@ def make_run(tmp_path: Path, *overrides: str, steps: int = 4) -> tuple[Path, Run
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     store.ensure_dirs()
     store.run_yaml.write_text(to_yaml(cfg))
+    prepare_model(cfg)  # the launcher's step before the trainer starts
     write_scripted_rollouts(store, range(steps), prompts=PROMPTS, group_size=GROUP, vocab=cfg.model.tiny.vocab_size)
     return store.run_yaml, store
 

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py runs on a CPU at the tiny shape, both sides, so the GPU check a
+"""``python -m deepscaler.gpu_check`` runs on a CPU at the tiny shape, both sides, so the GPU check a
 user runs before a first stage is known to run as code (its figures need a GPU)."""
 
 from __future__ import annotations
@@ -7,16 +7,14 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from deepscaler import gpu_check
 
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_at_the_tiny_shape_on_cpu(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--device", "cpu", "--preset", "tiny-random",
+    out = subprocess.run([sys.executable, "-m", "deepscaler.gpu_check", "--device", "cpu", "--preset", "tiny-random",
                           "--tokens", "96,160", "--attention", "varlen,sdpa,flash_attention_2", "--out", str(tmp_path),
                           f"run.output_dir={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -38,20 +36,12 @@ def test_the_gpu_check_runs_at_the_tiny_shape_on_cpu(tmp_path):
         assert "skipped" in result["inference"]
 
 
-def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks/gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_gpu_check_prints_the_driver_preflight_first_and_stops_on_an_old_driver(monkeypatch, capsys):
     """Simulated boundary: libcuda's cuDriverGetVersion reporting CUDA 12.4 and a torch built
     for CUDA 13.0 (PyPI's 2.14.0), as in tests/unit/test_cuda_preflight.py. Nothing is timed:
     the check stops at its first line, which names both versions and the fix."""
     from tests.unit.test_cuda_preflight import fake_driver, fake_torch
 
-    gpu_check = _load_gpu_check()
     fake_driver(monkeypatch, 12040)
     fake_torch(monkeypatch, "13.0")
     monkeypatch.setattr(gpu_check, "trainer_side", lambda *a: pytest.fail("the trainer side ran"))

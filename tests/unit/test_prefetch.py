@@ -1,5 +1,5 @@
 """The offline Hub cache: what a job needs, the one-line error when a file is missing, and the
-prefetch command. The Hub itself is the untested boundary: caches are built here in its layout
+prefetch command, which also prepares the tiny model (loading never builds it). The Hub itself is the untested boundary: caches are built here in its layout
 (``tests/helpers/hub_cache.py``), and the download call meets ``FakeHub`` only."""
 
 from __future__ import annotations
@@ -329,3 +329,54 @@ def test_every_process_fails_on_the_same_message(tmp_path, model_repo, dataset_r
     with pytest.raises(pf.CacheError) as again:
         pf.require_cache(cfg)
     assert str(e.value) == str(again.value)
+
+
+# --------------------------------------------------------------------------- the tiny model
+
+# A small tiny model with a seed of its own: the folder hashes shape and seed, so the command
+# in the error must carry them.
+SMALL_TINY = ["model.name=tiny", "run.seed=3", "model.tiny.hidden_size=64", "model.tiny.num_heads=2",
+              "model.tiny.num_kv_heads=1", "model.tiny.intermediate_size=128"]
+
+
+def tiny_config(out: Path):
+    return load_config([REPO / "yaml/stage1.yaml", REPO / "yaml/tiny-random.yaml"],
+                       [f"run.output_dir={out}", *SMALL_TINY])
+
+
+def test_loading_the_tiny_model_builds_nothing_and_names_the_step_that_does(tmp_path, capsys):
+    """model_source only resolves: before the tiny model is prepared it is a one-line error,
+    and its command prepares exactly this model (shape and seed), which then loads."""
+    from deepscaler.hf_loading import model_source
+
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(pf.CacheError) as e:
+        model_source(cfg)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("the tiny model is not built (")
+    assert not (tmp_path / "cache").exists()  # loading wrote nothing
+    argv = shlex.split(message.split("build it with: ")[1])
+    assert "run.seed=3" in argv and "model.tiny.hidden_size=64" in argv
+    assert pf.main(argv[3:]) == 0
+    assert "tiny model: ready in" in capsys.readouterr().out
+    assert model_source(cfg) == str(pf.prepare_model(cfg))  # prepared once: a second call finds it
+    assert Path(model_source(cfg), "config.json").is_file()
+
+
+def test_the_launcher_prepares_the_tiny_model_before_any_process_starts(tmp_path):
+    from deepscaler.hf_loading import model_source
+    from deepscaler.launch import run_stage
+
+    cfg = tiny_config(tmp_path)
+    loaded = []
+
+    class Started(Exception):
+        pass
+
+    def commands(c, *args):
+        loaded.append(model_source(c))  # what each process does first
+        raise Started
+
+    with pytest.raises(Started):
+        run_stage(cfg, commands=commands)
+    assert loaded and Path(loaded[0], "model.safetensors").is_file()

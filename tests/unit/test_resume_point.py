@@ -1,7 +1,7 @@
 """Which step a restart or an eval starts from, on real stage folders (no process runs): off by
 one here is a silent divergence (a skipped or repeated batch, another step's score), so each
 answer is pinned exactly. The end-to-end bit-identical resume is tests/integration/test_trainer.py
-and tests/faults/test_kill_and_resume.py. Planted by benchmarks/mutants.py."""
+and tests/faults/test_kill_and_resume.py. Planted by tests/mutants.py."""
 
 from __future__ import annotations
 

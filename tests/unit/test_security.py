@@ -607,6 +607,7 @@ def test_prompts_and_samples_per_request_are_capped():
 def guarded_server(tmp_path_factory):
     """A real tiny server with a 2 s socket timeout and room for 4 connections."""
     from deepscaler.config import to_yaml
+    from deepscaler.prefetch import prepare_model
     from deepscaler.store import RunStore
     from tests.helpers.inference import serve, stop
 
@@ -615,6 +616,7 @@ def guarded_server(tmp_path_factory):
     store = RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage)
     store.ensure_dirs()
     store.run_yaml.write_text(to_yaml(cfg))
+    prepare_model(cfg)  # the launcher's step before a server starts on the base model
     proc, client = serve(store, "guarded", "--weights-step", "base", "inference.socket_timeout_s=2",
                          "inference.max_connections=4")
     yield client, store

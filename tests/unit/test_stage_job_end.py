@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,7 +132,8 @@ def stage_job_end(monkeypatch, capsys, tmp_path: Path, store: RunStore, stage) -
         StageJob(str(store.run_yaml))()
     err = capsys.readouterr().err
     (tmp_path / "job.err").write_text(err)
-    assert stage_error(tmp_path / "job.err") == err.splitlines()[-1]  # what submit --wait shows of it
+    said = [x for x in err.splitlines() if x.startswith(("error: ", "stopped: "))]
+    assert stage_error(tmp_path / "job.err") == said[-1]  # what submit --wait shows of it
     return end.value.code, err
 
 
@@ -142,6 +145,22 @@ def test_a_stage_job_cancelled_ends_with_the_stopped_line_and_no_traceback(run, 
     code, err = stage_job_end(monkeypatch, capsys, tmp_path, run[1], cancelled)
     assert code == 143 and err.splitlines()[-1].startswith("stopped: stage 1 of run 'tiny' cancelled (scancel)")
     assert "Traceback" not in err and "error: " not in err
+
+
+def test_the_stopped_line_comes_at_the_sigterm_before_the_stop_cleans_up(run, monkeypatch, capsys, tmp_path,
+                                                                        handlers) -> None:
+    """Slurm kills the job KillWait seconds after its SIGTERM (5 s on the local cluster), which
+    stopping the processes may outlast: the line must not wait for it."""
+    def cancelled_with_a_slow_stop():
+        try:
+            sigterm_self()
+        finally:
+            print("stopping the processes", file=sys.stderr, flush=True)
+
+    code, err = stage_job_end(monkeypatch, capsys, tmp_path, run[1], cancelled_with_a_slow_stop)
+    lines = err.splitlines()
+    assert code == 143 and lines[-2].startswith("stopped: stage 1 of run 'tiny' cancelled (scancel)"), lines
+    assert lines[-1] == "stopping the processes" and sum(x.startswith("stopped: ") for x in lines) == 1
 
 
 def test_a_process_killed_by_the_cancel_is_not_the_cause(run, monkeypatch, capsys, tmp_path, handlers) -> None:
@@ -178,3 +197,14 @@ def test_submit_wait_ends_with_the_summary_of_a_local_run_once_every_job_complet
                                    "--resume-step", "latest", "--wait"]) == code
     out = capsys.readouterr().out
     assert ("stage 1 of run 'tiny' finished: " in out and "\nnext:\n" in out) == (code == 0), out
+
+
+def test_submit_wait_waits_for_the_last_words_of_a_job_sacct_already_calls_cancelled(tmp_path) -> None:
+    """sacct says CANCELLED at scancel; the supervisor's stopped line comes moments later."""
+    log = tmp_path / "job.err"
+    log.write_text("slurmstepd-node1: error: *** JOB 3 ON node1 CANCELLED ***\n")
+    later = threading.Timer(1.0, lambda: log.write_text(log.read_text() + "stopped: stage 1 of run 'tiny' ...\n"))
+    later.start()
+    assert stage_error(log) is None  # no wait: not there yet
+    assert stage_error(log, wait_s=10) == "stopped: stage 1 of run 'tiny' ..."
+    assert stage_error(tmp_path / "missing.err", wait_s=0.6) is None  # a log that never comes: the wait ends

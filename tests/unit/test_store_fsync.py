@@ -7,7 +7,7 @@ The calls are recorded by a spy that calls the real ``os.fsync``, ``os.replace``
 observed, which no crash on a live machine can show. Real counterparts (the visible outcome of
 the same writes): tests/unit/test_store.py::test_atomic_file_replaces_or_keeps and
 tests/unit/test_store.py::test_simulated_crash_is_ignored_by_readers_and_cleaned. The bugs
-they catch are planted by benchmarks/mutants.py."""
+they catch are planted by tests/mutants.py."""
 
 from __future__ import annotations
 

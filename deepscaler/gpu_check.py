@@ -1,8 +1,8 @@
 """GPU acceptance check: run it once on one GPU node before a first stage (about 5 minutes on
 one H100/H200; docs/cluster.md).
 
-    python benchmarks/gpu_check.py [--stage 1] [--tokens 9216,17408,25600] [--attention all]
-                                   [--inference auto|skip] [--out DIR] [key=value ...]
+    python -m deepscaler.gpu_check [--stage 1] [--tokens 9216,17408,25600] [--attention all]
+                                    [--inference auto|skip] [--out DIR] [key=value ...]
 
 Trainer side (imports torch and transformers, nothing else): random weights of the stage's
 model shape (``deepscaler.hf_loading.model_config``; no Hub needed), in the trainer's dtype, with
@@ -43,16 +43,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from deepscaler import cuda_preflight  # noqa: E402
-from deepscaler.config import stage_config, tis_cap  # noqa: E402
-from deepscaler.hf_loading import model_config  # noqa: E402
-from deepscaler.plan import SyntheticRollout, build_model, model_flops, step_forwards, trace_micro_batch  # noqa: E402
-from deepscaler.trainer import attention  # noqa: E402
-from deepscaler.trainer.engine import micro_batch_loss, packed_log_probs, prepare  # noqa: E402
-from deepscaler.trainer.packing import pack  # noqa: E402
-from deepscaler.weights_format import PROBE_TOLERANCES, compare_probe, probe_logprobs  # noqa: E402
+from deepscaler import cuda_preflight
+from deepscaler.config import stage_config, tis_cap
+from deepscaler.hf_loading import model_config
+from deepscaler.plan import SyntheticRollout, build_model, model_flops, step_forwards, trace_micro_batch
+from deepscaler.trainer import attention
+from deepscaler.trainer.engine import micro_batch_loss, packed_log_probs, prepare
+from deepscaler.trainer.packing import pack
+from deepscaler.weights_format import PROBE_TOLERANCES, compare_probe, probe_logprobs
 
 # Dense bf16 peak of one GPU, TFLOP/s (vendor figures, no sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}

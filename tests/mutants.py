@@ -1,6 +1,6 @@
 """Mutation check: does the suite fail when a known bug is planted?
 
-    .venv/bin/python benchmarks/mutants.py [--only NAME ...] [--list] [--no-baseline] [--timeout S]
+    .venv/bin/python -m tests.mutants [--only NAME ...] [--list] [--no-baseline] [--timeout S]
 
 Copies the working tree (the files git tracks or would track, so uncommitted edits and new
 test files count) into a temp dir, plants ONE bug at a time there (an exact snippet of one file
@@ -16,7 +16,7 @@ mutant survived, 2 on an error of the check itself. To add a mutant, append a :c
 to :data:`MUTANTS`: pick the smallest tests that should kill it (unit tests where they can;
 each mutant's run should stay well under 2 minutes on 2 busy cores).
 
-Not a test: pytest never collects it (outside ``testpaths``, and ``__test__ = False``).
+Not a test: pytest never collects it (not named ``test_*.py``, and ``__test__ = False``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__test__ = False  # a benchmark script: pytest must not collect it
+__test__ = False  # a script that runs tests: pytest must not collect it
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240  # per mutant; a hang counts as killed (pytest-timeout would fail it in CI), and is named
