@@ -358,7 +358,12 @@ class ServersJob(submitit.helpers.Checkpointable):
         self.run_yaml = str(run_yaml)
 
     def __call__(self) -> int:
+        from deepscaler.prefetch import prepare_model
+
         cfg = load_config(self.run_yaml)
+        # This job starts before the main job's supervisor, which prepares the model too: the
+        # tiny one is built once, aside and renamed into place, whichever comes first.
+        prepare_model(cfg)
         argv = job_steps(cfg, Path(self.run_yaml), None)["servers"]
         # The token the main job also reads (written at submit); in the environment only.
         token = read_token(RunStore(cfg.run.output_dir, cfg.run.name, cfg.run.stage).root)
